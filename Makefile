@@ -1,0 +1,21 @@
+# The two commands of the README. Each creates its own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[msn,dev]'
+	# sunds is only used by the tests, to read our MSN-format output as the reference does; its
+	# declared dependencies are heavier than what it needs with TensorFlow already installed.
+	$(PIP) install -q --no-deps 'sunds==0.4.1'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
