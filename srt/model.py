@@ -1,0 +1,126 @@
+"""The SRT model family: configuration and the encoder + decoder pair.
+
+Build from the ``model`` section of a reference-style YAML config::
+
+    config = ModelConfig.from_dict(yaml.safe_load(open('runs/msn/srt/config.yaml'))['model'])
+    model = SRT(config)
+    z = model.encoder(input_images, input_camera_pos, input_rays)          # [b, n, 768]
+    pixels, extras = model.decoder(z, target_camera_pos, target_rays, **render_kwargs)
+
+``model.encoder.state_dict()`` and ``model.decoder.state_dict()`` are the reference checkpoint's
+``encoder`` and ``decoder`` entries (same names and shapes for the ``srt`` and ``isrt`` configs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from srt.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
+from srt.encoder import ImprovedSRTEncoder, SRTEncoder
+from srt.layers import ATTENTION_IMPLS, set_attention_impl, set_checkpointing
+
+ENCODERS = {'srt': SRTEncoder, 'isrt': ImprovedSRTEncoder}
+DECODERS = {'lightfield': SRTDecoder, 'isrt': ImprovedSRTDecoder, 'nerf': NerfDecoder}
+# Constructor arguments that are run-time options of ours, not architecture kwargs of the YAML.
+_RUNTIME_ARGS = ('attention', 'checkpointing', 'fold_camera_code')
+
+
+def _architecture_kwargs(cls: type) -> Tuple[str, ...]:
+    params = inspect.signature(cls.__init__).parameters
+    return tuple(p for p in params if p != 'self' and p not in _RUNTIME_ARGS)
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder/decoder to build and with which options (the YAML ``model`` section + ours)."""
+
+    encoder: str = 'srt'  # 'srt' (SRT, CVPR 2022) or 'isrt' (improved SRT, OSRT appendix)
+    encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. pos_start_octave, num_conv_blocks, num_att_blocks
+    decoder: str = 'lightfield'  # 'lightfield', 'isrt' or 'nerf' (volumetric)
+    decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. pos_start_octave, num_att_blocks, use_fine_net
+    attention: str = 'sdpa'  # 'sdpa' (fused kernel) or 'explicit' (softmax(QK^T/sqrt(d))V, the reference's)
+    checkpointing: bool = False  # recompute transformer blocks' activations in backward (saves memory)
+    fold_camera_code: bool = True  # skip convolving the constant camera-position planes (exact; False = reference's way)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f'model.encoder: unknown encoder {self.encoder!r}; choose one of {sorted(ENCODERS)}')
+        if self.decoder not in DECODERS:
+            raise ValueError(f'model.decoder: unknown decoder {self.decoder!r}; choose one of {sorted(DECODERS)}')
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f'model.attention: unknown attention {self.attention!r}; choose one of '
+                             f'{list(ATTENTION_IMPLS)}')
+        for section, cls, kwargs in (('encoder_kwargs', ENCODERS[self.encoder], self.encoder_kwargs),
+                                     ('decoder_kwargs', DECODERS[self.decoder], self.decoder_kwargs)):
+            allowed = _architecture_kwargs(cls)
+            unknown = sorted(set(kwargs) - set(allowed))
+            if unknown:
+                raise ValueError(f'model.{section}: unknown option(s) {unknown} for {cls.__name__}; '
+                                 f'allowed: {list(allowed)}')
+
+    @classmethod
+    def from_dict(cls, model_section: Mapping[str, Any], **overrides: Any) -> 'ModelConfig':
+        """From a YAML ``model`` section (missing keys take the defaults, unknown keys are rejected)."""
+        values = {**dict(model_section or {}), **overrides}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f'model: unknown key(s) {unknown}; allowed: {sorted(names)}')
+        for key in ('encoder_kwargs', 'decoder_kwargs'):
+            if values.get(key) is None:
+                values[key] = {}
+        return cls(**values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SRT(nn.Module):
+    """Scene Representation Transformer: ``encoder`` (views -> latents) and ``decoder`` (rays -> pixels)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = ENCODERS[config.encoder](**config.encoder_kwargs, attention=config.attention,
+                                                checkpointing=config.checkpointing,
+                                                fold_camera_code=config.fold_camera_code)
+        self.decoder = DECODERS[config.decoder](**config.decoder_kwargs, attention=config.attention,
+                                                checkpointing=config.checkpointing)
+
+    def forward(self, input_images: Tensor, input_camera_pos: Tensor, input_rays: Tensor,
+                target_camera_pos: Tensor, target_rays: Tensor, **render_kwargs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Encode the input views and render the target rays.
+
+        Args:
+            input_images: [b, v, 3, h, w] in [0, 1]; input_camera_pos: [b, v, 3]; input_rays: [b, v, h, w, 3].
+            target_camera_pos: [b, r, 3]; target_rays: [b, r, 3].
+            render_kwargs: passed to the decoder (min_dist, max_dist, ... for the volumetric decoder).
+        Returns:
+            pixels [b, r, 3] and the decoder's extras.
+        """
+        z = self.encoder(input_images, input_camera_pos, input_rays)
+        return self.decoder(z, target_camera_pos, target_rays, **render_kwargs)
+
+    def set_attention(self, impl: str) -> None:
+        """Switch all attention layers to 'sdpa' or 'explicit' (same weights, same function)."""
+        set_attention_impl(self, impl)
+        self.config = dataclasses.replace(self.config, attention=impl)
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Turn activation checkpointing of the transformer blocks on or off."""
+        set_checkpointing(self, enabled)
+        self.config = dataclasses.replace(self.config, checkpointing=enabled)
+
+
+def build_model(model_section: Mapping[str, Any], **overrides: Any) -> SRT:
+    """``SRT(ModelConfig.from_dict(model_section, **overrides))``."""
+    return SRT(ModelConfig.from_dict(model_section, **overrides))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
