@@ -1,0 +1,412 @@
+"""Source dataset -> WebDataset shards: planned, parallel, resumable, split across cluster tasks.
+
+For each split the conversion is *planned* deterministically from the source alone (scene list in
+the reference loader's order, scenes per shard), so every run and every task of a job array agrees
+on which scene goes into which shard ``<split>-%06d.tar``. A shard is written under a hidden
+temporary name in ``<out>/.work/``, its record (scene count, bytes, sha256, per-sample offsets) is
+written next to it, then the tar is renamed into place: a ``.tar`` in ``<out>`` is always complete,
+and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
+the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log and the
+dataset card are written. Output bytes depend only on the source and the settings.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline import tario
+from pipeline.schema import SCHEMA_VERSION, SourceError, encode_scene, json_bytes
+from pipeline.sources import open_source
+
+WORK_DIR = '.work'
+DEFAULT_SHARD_BYTES = 256 * 2**20
+_ESTIMATE_SCENES = 16
+
+
+@dataclasses.dataclass
+class ConvertConfig:
+    dataset: str  # 'nmr' | 'clevr3d' | 'obsurf_msn' | 'msn'
+    src: str  # source dataset directory
+    out: str  # output directory of the shards
+    splits: list[str] | None = None  # None: every split the source has
+    scenes_per_shard: int | None = None  # None: from shard_bytes and the first scenes' size
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # target shard size when scenes_per_shard is None
+    workers: int = 1  # processes writing shards
+    num_tasks: int = 1  # cluster job array size
+    task_index: int = 0  # this task's index in [0, num_tasks)
+    bake_rays: bool = False  # also store float32 ray directions (rays.npy.zst)
+    skip_bad: bool = False  # record bad scenes in <split>.skipped.jsonl instead of stopping
+    finalize_only: bool = False  # only merge complete shards into manifest/index/card
+    source_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. max_objects
+    progress: bool = True  # show tqdm bars
+
+    def __post_init__(self):
+        if not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(f'--task-index {self.task_index} is outside [0, --num-tasks '
+                             f'{self.num_tasks})')
+        if self.workers < 1:
+            raise ValueError('--workers must be >= 1')
+        if self.scenes_per_shard is not None and self.scenes_per_shard < 1:
+            raise ValueError('--scenes-per-shard must be >= 1')
+
+
+def task_from_environment() -> tuple[int, int]:
+    """(num_tasks, task_index) from a SLURM job array or a Kubernetes indexed job, else (1, 0)."""
+    env = os.environ
+    if 'SLURM_ARRAY_TASK_COUNT' in env and 'SLURM_ARRAY_TASK_ID' in env:
+        first = int(env.get('SLURM_ARRAY_TASK_MIN', 0))
+        return int(env['SLURM_ARRAY_TASK_COUNT']), int(env['SLURM_ARRAY_TASK_ID']) - first
+    if 'JOB_COMPLETION_INDEX' in env:
+        count = env.get('JOB_COMPLETIONS') or env.get('NUM_TASKS')
+        if count is None:
+            raise ValueError('JOB_COMPLETION_INDEX is set (Kubernetes indexed job) but the job size '
+                             'is unknown: pass --num-tasks (or set NUM_TASKS)')
+        return int(count), int(env['JOB_COMPLETION_INDEX'])
+    return 1, 0
+
+
+def shard_name(split: str, index: int) -> str:
+    return f'{split}-{index:06d}.tar'
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _plan(cfg: ConvertConfig, source, split: str, refs: list) -> dict[str, Any]:
+    """Scenes per shard and the member set of the split, from the source alone (deterministic)."""
+    spp, members, sample_bytes = cfg.scenes_per_shard, None, []
+    for item in source.read(split, refs[:_ESTIMATE_SCENES], 0):
+        if isinstance(item, SourceError):
+            continue  # the shard writer reports it where it belongs
+        key, encoded = encode_scene(item, cfg.bake_rays)
+        members = members or [name[len(key) + 1:] for name, _ in encoded]
+        sample_bytes.append(len(tario.encode_members(encoded)))
+    if spp is None:
+        mean = sum(sample_bytes) / len(sample_bytes) if sample_bytes else 1
+        spp = max(1, int(cfg.shard_bytes // mean))
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'dataset': cfg.dataset,
+        'split': split,
+        'source': source.describe(),
+        'bake_rays': cfg.bake_rays,
+        'num_source_scenes': len(refs),
+        'scenes_per_shard': spp,
+        'num_shards': (len(refs) + spp - 1) // spp,
+        'members': members,
+    }
+
+
+def _check_existing(cfg: ConvertConfig, split: str, plan: dict) -> None:
+    """Refuse to mix with output of another schema version or other settings."""
+    manifest = os.path.join(cfg.out, f'{split}.manifest.json')
+    if os.path.exists(manifest):
+        version = _read_json(manifest).get('schema_version')
+        if version != SCHEMA_VERSION:
+            raise SystemExit(f'{manifest}: existing output has schema version {version}, this '
+                             f'converter writes {SCHEMA_VERSION}; convert into a new --out '
+                             'directory (or delete the old shards)')
+    path = os.path.join(cfg.out, WORK_DIR, f'{split}.plan.json')
+    if os.path.exists(path):
+        old = _read_json(path)
+        if old != plan:
+            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise SystemExit(f'{path}: existing output of split {split!r} was planned with other '
+                             f'settings or source ({", ".join(diff)} differ); use another --out or '
+                             'delete it')
+    else:
+        _atomic_write(path, json_bytes(plan))
+
+
+# ----------------------------------------------------------------------------- shard writing
+
+_worker_state: dict[str, Any] = {}
+
+
+def _worker_init(counter) -> None:
+    _worker_state['counter'] = counter
+
+
+def _source_for(job: dict):
+    key = (job['dataset'], job['src'], json.dumps(job['source_kwargs'], sort_keys=True))
+    if _worker_state.get('source_key') != key:
+        _worker_state['source'] = open_source(job['dataset'], job['src'], **job['source_kwargs'])
+        _worker_state['source_key'] = key
+    return _worker_state['source']
+
+
+def _bad_scene(split: str, ref, index: int, err: Exception) -> dict[str, Any]:
+    return {'split': split, 'reference_index': index, 'source_ref': ref, 'error': str(err)}
+
+
+def write_shard(job: dict) -> dict[str, Any]:
+    """Write one shard (runs in a worker process). Returns its record."""
+    source = _source_for(job)
+    split, start, refs = job['split'], job['start'], job['refs']
+    name = shard_name(split, job['index'])
+    work = os.path.join(job['out'], WORK_DIR)
+    tmp = os.path.join(work, f'{name}.partial')
+    counter = _worker_state.get('counter')
+    sha, offset, samples, skipped = hashlib.sha256(), 0, [], []
+    with open(tmp, 'wb') as f:
+        for i, item in enumerate(source.read(split, refs, start)):
+            try:
+                if isinstance(item, SourceError):
+                    raise item
+                key, members = encode_scene(item, job['bake_rays'])
+                got = [n[len(key) + 1:] for n, _ in members]
+                if got != job['members']:
+                    raise SourceError(f'{item.origin}: scene {item.scene_id} has members {got}, '
+                                      f'but the split\'s scenes have {job["members"]}')
+            except SourceError as e:
+                if not job['skip_bad']:
+                    raise
+                skipped.append(_bad_scene(split, refs[i], start + i, e))
+                continue
+            buf = tario.encode_members(members)
+            f.write(buf)
+            sha.update(buf)
+            samples.append([key, start + i, offset, len(buf)])
+            offset += len(buf)
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += 1
+        f.write(tario.END_OF_ARCHIVE)
+        sha.update(tario.END_OF_ARCHIVE)
+        f.flush()
+        os.fsync(f.fileno())
+    record = {'name': name, 'scenes': len(samples), 'bytes': offset + len(tario.END_OF_ARCHIVE),
+              'sha256': sha.hexdigest(), 'samples': samples, 'skipped': skipped,
+              'plan': job['plan_digest']}
+    _atomic_write(os.path.join(work, f'{name}.json'), json_bytes(record))
+    os.replace(tmp, os.path.join(job['out'], name))
+    return record
+
+
+def _shard_record(out: str, name: str, plan_digest: str) -> dict | None:
+    """The record of a complete shard, or None if it must be (re)written."""
+    tar, rec = os.path.join(out, name), os.path.join(out, WORK_DIR, f'{name}.json')
+    if not (os.path.exists(tar) and os.path.exists(rec)):
+        return None
+    record = _read_json(rec)
+    if record.get('plan') != plan_digest or os.path.getsize(tar) != record['bytes']:
+        return None
+    return record
+
+
+def _run_jobs(cfg: ConvertConfig, jobs: list[dict], total: int, desc: str) -> None:
+    bar = tqdm(total=total, desc=desc, unit='scene', disable=not cfg.progress, smoothing=0.1)
+    if cfg.workers == 1 or len(jobs) <= 1:
+        counter = mp.Value('q', 0, lock=True)
+        _worker_init(counter)
+        for job in jobs:
+            write_shard(job)
+            bar.update(counter.value - bar.n)
+        bar.close()
+        return
+    ctx = mp.get_context('spawn')  # TensorFlow state does not survive fork
+    counter = ctx.Value('q', 0, lock=True)
+    with cf.ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=ctx,
+                                initializer=_worker_init, initargs=(counter,)) as pool:
+        pending = {pool.submit(write_shard, job) for job in jobs}
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # re-raise a worker's error (the pool cancels the rest on exit)
+            bar.update(counter.value - bar.n)
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- finalising
+
+def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, Any]:
+    from pipeline import index as shard_index
+    digest = hashlib.sha256(json_bytes(plan)).hexdigest()
+    records, missing = [], []
+    for i in range(plan['num_shards']):
+        rec = _shard_record(cfg.out, shard_name(split, i), digest)
+        (records.append(rec) if rec else missing.append(shard_name(split, i)))
+    if missing:
+        raise SystemExit(f'{cfg.out}: split {split!r} is incomplete: {len(missing)} of '
+                         f'{plan["num_shards"]} shards missing ({", ".join(missing[:5])}'
+                         f'{", ..." if len(missing) > 5 else ""}); run the remaining tasks first')
+    skipped = [s for r in records for s in r['skipped']]
+    manifest = {
+        'schema_version': SCHEMA_VERSION,
+        'dataset': cfg.dataset,
+        'split': split,
+        'source': plan['source'],
+        'scenes_per_shard': plan['scenes_per_shard'],
+        'bake_rays': plan['bake_rays'],
+        'members': plan['members'],
+        'num_scenes': sum(r['scenes'] for r in records),
+        'num_skipped': len(skipped),
+        'num_source_scenes': plan['num_source_scenes'],
+        'bytes': sum(r['bytes'] for r in records),
+        'shards': [{'name': r['name'], 'scenes': r['scenes'], 'bytes': r['bytes'],
+                    'sha256': r['sha256']} for r in records],
+    }
+    if hasattr(source, 'num_filtered'):
+        manifest['num_filtered_max_objects'] = source.num_filtered(split)
+    skipped_path = os.path.join(cfg.out, f'{split}.skipped.jsonl')
+    if skipped:
+        _atomic_write(skipped_path, b''.join(json_bytes(s) + b'\n' for s in skipped))
+    elif os.path.exists(skipped_path):
+        os.remove(skipped_path)
+    shard_index.build(cfg.out, split, records)
+    _atomic_write(os.path.join(cfg.out, f'{split}.manifest.json'),
+                  json.dumps(manifest, indent=1, sort_keys=True).encode() + b'\n')
+    from pipeline.card import write_card
+    write_card(cfg.out)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def convert(cfg: ConvertConfig) -> dict[str, dict]:
+    """Convert (this task's part of) every requested split. Returns {split: summary}."""
+    os.makedirs(os.path.join(cfg.out, WORK_DIR), exist_ok=True)
+    source = open_source(cfg.dataset, cfg.src, **cfg.source_kwargs)
+    splits = cfg.splits or source.splits()
+    unknown = [s for s in splits if s not in source.splits()]
+    if unknown:
+        raise SystemExit(f'{cfg.src}: no split(s) {unknown}; the source has {source.splits()}')
+    summaries = {}
+    for split in splits:
+        t0 = time.perf_counter()
+        refs = source.scene_refs(split)
+        plan = _plan(cfg, source, split, refs)
+        _check_existing(cfg, split, plan)
+        digest = hashlib.sha256(json_bytes(plan)).hexdigest()
+        spp = plan['scenes_per_shard']
+        jobs, done_scenes = [], 0
+        mine = range(cfg.task_index, plan['num_shards'], cfg.num_tasks)
+        for i in ([] if cfg.finalize_only else mine):
+            if _shard_record(cfg.out, shard_name(split, i), digest) is not None:
+                continue
+            jobs.append({'dataset': cfg.dataset, 'src': cfg.src, 'source_kwargs': cfg.source_kwargs,
+                         'out': cfg.out, 'split': split, 'index': i, 'start': i * spp,
+                         'refs': refs[i * spp:(i + 1) * spp], 'bake_rays': cfg.bake_rays,
+                         'skip_bad': cfg.skip_bad, 'members': plan['members'],
+                         'plan_digest': digest})
+            done_scenes += len(jobs[-1]['refs'])
+        _clean_partials(cfg.out, [shard_name(split, i) for i in mine])
+        _run_jobs(cfg, jobs, done_scenes, f'{cfg.dataset} {split}')
+        complete = all(_shard_record(cfg.out, shard_name(split, i), digest)
+                       for i in range(plan['num_shards']))
+        summary = {'split': split, 'scenes_converted': done_scenes, 'shards_written': len(jobs),
+                   'seconds': time.perf_counter() - t0, 'finalized': False}
+        if complete or cfg.finalize_only:
+            manifest = _finalize(cfg, split, plan, source)
+            summary.update(finalized=True, num_scenes=manifest['num_scenes'],
+                           num_skipped=manifest['num_skipped'], bytes=manifest['bytes'],
+                           num_shards=len(manifest['shards']))
+        summaries[split] = summary
+    return summaries
+
+
+def _clean_partials(out: str, names: list[str]) -> None:
+    """Remove the temporaries a killed run left for these shards (only this task's shards: tasks
+    of a job array share the directory but never a shard)."""
+    work = os.path.join(out, WORK_DIR)
+    for entry in os.listdir(work):
+        if any(entry == f'{n}.partial' or entry.startswith(f'{n}.json.tmp-') for n in names):
+            try:
+                os.remove(os.path.join(work, entry))
+            except FileNotFoundError:
+                pass
+
+
+# ----------------------------------------------------------------------------- command line
+
+DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
+                   'msn': 'data/msn'}
+
+
+def cli_main(datasets: tuple[str, ...], argv: list[str] | None = None) -> int:
+    """The shared command line of tools/convert_{nmr,obsurf,msn}.py."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards schema '
+                    f'v{SCHEMA_VERSION}, see docs/SHARDS.md).')
+    if len(datasets) > 1:
+        p.add_argument('--dataset', choices=datasets, default=datasets[0],
+                       help=f'which dataset (default {datasets[0]})')
+    p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README layout)')
+    p.add_argument('--out', help='output directory (default: shards/<dataset>)')
+    p.add_argument('--splits', nargs='+', help='splits to convert (default: all the source has)')
+    p.add_argument('--scenes-per-shard', type=int, help='scenes per shard (default: from --shard-mb)')
+    p.add_argument('--shard-mb', type=float, default=DEFAULT_SHARD_BYTES / 2**20,
+                   help='target shard size in MiB (default 256)')
+    p.add_argument('--workers', type=int, default=1, help='writer processes (default 1)')
+    p.add_argument('--num-tasks', type=int, help='tasks of a cluster job array sharing this '
+                   'conversion (default: SLURM_ARRAY_TASK_COUNT, else 1)')
+    p.add_argument('--task-index', type=int, help='this task (default: SLURM_ARRAY_TASK_ID or '
+                   'JOB_COMPLETION_INDEX, else 0)')
+    p.add_argument('--finalize', action='store_true',
+                   help='only merge complete shards into manifest, index and dataset card')
+    p.add_argument('--bake-rays', action='store_true',
+                   help='also store float32 ray directions per pixel (rays.npy.zst; ~8x image bytes)')
+    p.add_argument('--skip-bad', action='store_true', help='record bad scenes in '
+                   '<out>/<split>.skipped.jsonl and go on, instead of stopping at the first')
+    if any(d in ('clevr3d', 'obsurf_msn') for d in datasets):
+        p.add_argument('--max-objects', default='6', help="drop scenes with more objects, as the "
+                       "reference loader does (default 6; 'all' keeps every scene)")
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    args = p.parse_args(argv)
+    dataset = getattr(args, 'dataset', datasets[0])
+    env_tasks, env_index = task_from_environment()
+    kwargs = {}
+    if dataset in ('clevr3d', 'obsurf_msn'):
+        kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
+    try:
+        cfg = ConvertConfig(
+            dataset=dataset, src=args.src or DEFAULT_SOURCES[dataset],
+            out=args.out or os.path.join('shards', dataset), splits=args.splits,
+            scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
+            workers=args.workers,
+            num_tasks=args.num_tasks if args.num_tasks is not None else env_tasks,
+            task_index=args.task_index if args.task_index is not None else env_index,
+            bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
+            source_kwargs=kwargs, progress=not args.no_progress)
+        if not os.path.exists(cfg.src):
+            raise SystemExit(f'{cfg.src}: source directory not found (pass --src)')
+        summaries = convert(cfg)
+    except SourceError as e:
+        print(f'error: {e}', file=sys.stderr)
+        print('(the run stopped; no partial shard is visible. Fix the source, or rerun with '
+              '--skip-bad to record bad scenes and go on)', file=sys.stderr)
+        return 1
+    for split, s in summaries.items():
+        if s['finalized']:
+            skipped = (f', {s["num_skipped"]} bad scenes skipped (see {cfg.out}/{split}.skipped.jsonl)'
+                       if s['num_skipped'] else '')
+            print(f'{split}: {s["num_scenes"]} scenes in {s["num_shards"]} shards, '
+                  f'{s["bytes"] / 2**20:.1f} MiB -> {cfg.out}{skipped}')
+        else:
+            print(f'{split}: task {cfg.task_index}/{cfg.num_tasks} wrote {s["shards_written"]} '
+                  f'shards; the split is finalized when every task has finished')
+    return 0

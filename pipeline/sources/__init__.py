@@ -1,0 +1,41 @@
+"""Source readers, one module per dataset. Each reader lists a split's scenes in the reference
+loader's order (``scene_refs``) and reads them into ``pipeline.schema.SourceScene`` records
+(``read``). Only ``pipeline.sources.msn`` imports TensorFlow, and only when it is opened."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol, Sequence
+
+from pipeline.schema import SourceError, SourceScene
+
+DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn')
+
+
+class Source(Protocol):
+    dataset: str
+    root: str
+
+    def splits(self) -> list[str]: ...
+
+    def scene_refs(self, split: str) -> list[Any]:
+        """Cheap, JSON-able references to the scenes of a split, in the reference loader's order."""
+
+    def read(self, split: str, refs: Sequence[Any], start_index: int) -> Iterator[SourceScene | SourceError]:
+        """Read the scenes ``refs`` (a contiguous run of ``scene_refs(split)`` beginning at position
+        ``start_index``), yielding per scene a SourceScene, or the SourceError that names what is
+        wrong with it (the converter stops on it or, with --skip-bad, records it and goes on)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description of the source for manifests and the dataset card."""
+
+
+def open_source(dataset: str, root: str, **kwargs) -> Source:
+    if dataset == 'nmr':
+        from pipeline.sources.nmr import NMRSource
+        return NMRSource(root)
+    if dataset in ('clevr3d', 'obsurf_msn'):
+        from pipeline.sources.obsurf import ObsurfSource
+        return ObsurfSource(root, dataset, **kwargs)
+    if dataset == 'msn':
+        from pipeline.sources.msn import MSNSource
+        return MSNSource(root)
+    raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASET_NAMES}')
