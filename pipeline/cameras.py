@@ -26,7 +26,6 @@ All functions here are pure numpy (float64 inside). ``image_rays_torch`` and
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 UP_Z = np.array([0.0, 0.0, 1.0])
 
@@ -353,12 +352,13 @@ def canonical_from_world(rule: str, K, world_from_cam, height: int, width: int) 
 
 # ----------------------------------------------------------------------------- torch twins
 
-def image_rays_torch(K: torch.Tensor, world_from_cam: torch.Tensor, height: int,
-                     width: int) -> torch.Tensor:
+def image_rays_torch(K: 'torch.Tensor', world_from_cam: 'torch.Tensor', height: int,
+                     width: int) -> 'torch.Tensor':
     """Torch twin of ``image_rays`` directions: K [..., 3, 3], pose [..., 4, 4] -> [..., h, w, 3].
 
     No validation (it runs inside the training step); origins are ``world_from_cam[..., :3, 3]``.
     """
+    import torch  # the converters and other pure-numpy users never pay for importing torch
     dtype, device = world_from_cam.dtype, world_from_cam.device
     v, u = torch.meshgrid(torch.arange(height, dtype=dtype, device=device) + 0.5,
                           torch.arange(width, dtype=dtype, device=device) + 0.5, indexing='ij')
@@ -368,8 +368,8 @@ def image_rays_torch(K: torch.Tensor, world_from_cam: torch.Tensor, height: int,
     return d / d.norm(dim=-1, keepdim=True)
 
 
-def transform_points_torch(points: torch.Tensor, b_from_a: torch.Tensor,
-                           translate: bool = True) -> torch.Tensor:
+def transform_points_torch(points: 'torch.Tensor', b_from_a: 'torch.Tensor',
+                           translate: bool = True) -> 'torch.Tensor':
     """Map points (or directions with translate=False) [..., n, 3] with b_from_a [..., 4, 4]."""
     out = points @ b_from_a[..., :3, :3].transpose(-1, -2)
     if translate:

@@ -99,7 +99,10 @@ def _plan(cfg: ConvertConfig, source, split: str, refs: list) -> dict[str, Any]:
     for item in source.read(split, refs[:_ESTIMATE_SCENES], 0):
         if isinstance(item, SourceError):
             continue  # the shard writer reports it where it belongs
-        key, encoded = encode_scene(item, cfg.bake_rays)
+        try:
+            key, encoded = encode_scene(item, cfg.bake_rays)
+        except SourceError:
+            continue
         members = members or [name[len(key) + 1:] for name, _ in encoded]
         sample_bytes.append(len(tario.encode_members(encoded)))
     if spp is None:
@@ -114,7 +117,7 @@ def _plan(cfg: ConvertConfig, source, split: str, refs: list) -> dict[str, Any]:
         'num_source_scenes': len(refs),
         'scenes_per_shard': spp,
         'num_shards': (len(refs) + spp - 1) // spp,
-        'members': members,
+        'members': members or [],
     }
 
 

@@ -1,0 +1,149 @@
+"""Summaries, full verification and contact sheets of a shard directory (tools/inspect_shards.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import cameras, tario
+from pipeline.reader import ShardError, decode_scene, read_manifest
+
+
+def splits_in(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'{directory}: no such shard directory')
+    order = {'train': 0, 'val': 1, 'test': 2}
+    found = [f[:-len('.manifest.json')] for f in os.listdir(directory) if f.endswith('.manifest.json')]
+    if not found:
+        raise FileNotFoundError(f'{directory}: no <split>.manifest.json (not a converted shard '
+                                'directory, or the conversion has not been finalized)')
+    return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+def iter_samples(path: str) -> Iterator[dict[str, Any]]:
+    """WebDataset-style sample dicts of one shard, with the fast tar iterator."""
+    sample: dict[str, Any] = {}
+    with open(path, 'rb') as f:
+        for name, data, _ in tario.iter_members(f, path):
+            key, member = tario.split_key(name)
+            if sample and sample['__key__'] != key:
+                yield sample
+                sample = {}
+            sample.setdefault('__key__', key)
+            sample['__url__'] = path
+            sample[member] = data
+    if sample:
+        yield sample
+
+
+def summarize(directory: str) -> list[dict[str, Any]]:
+    rows = []
+    for split in splits_in(directory):
+        m = read_manifest(directory, split)
+        views = sum(1 for n in m['members'] if n.startswith('rgb_'))
+        rows.append({'split': split, 'scenes': m['num_scenes'], 'views_per_scene': views,
+                     'shards': len(m['shards']), 'bytes': m['bytes'],
+                     'schema_version': m['schema_version'], 'dataset': m['dataset'],
+                     'skipped': m['num_skipped'], 'members': m['members']})
+    return rows
+
+
+def verify(directory: str, progress: bool = True) -> list[str]:
+    """Check every shard against its manifest and every sample's content. Returns the problems
+    found (empty when the directory is sound): sha256 and size per shard, member set and key
+    uniqueness per sample, every PNG decodes to the size in meta.json, cameras finite and valid."""
+    from tqdm import tqdm
+    problems = []
+    for split in splits_in(directory):
+        m = read_manifest(directory, split)
+        seen, count = set(), 0
+        bar = tqdm(total=m['num_scenes'], desc=f'verify {split}', unit='scene', disable=not progress)
+        for shard in m['shards']:
+            path = os.path.join(directory, shard['name'])
+            if not os.path.isfile(path):
+                problems.append(f'{path}: missing shard')
+                continue
+            sha = hashlib.sha256()
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 22), b''):
+                    sha.update(block)
+            if sha.hexdigest() != shard['sha256'] or os.path.getsize(path) != shard['bytes']:
+                problems.append(f'{path}: sha256/size differ from {split}.manifest.json')
+            n = 0
+            try:
+                for sample in iter_samples(path):
+                    n += 1
+                    problems += _check_sample(sample, m, seen)
+                    bar.update(1)
+            except (tario.TarFormatError, ShardError) as e:
+                problems.append(str(e))
+            if n != shard['scenes']:
+                problems.append(f'{path}: {n} samples, manifest says {shard["scenes"]}')
+            count += n
+        bar.close()
+        if count != m['num_scenes']:
+            problems.append(f'{directory}: split {split} has {count} samples, manifest says '
+                            f'{m["num_scenes"]}')
+    return problems
+
+
+def _check_sample(sample: dict, manifest: dict, seen: set) -> list[str]:
+    where = f'{sample["__url__"]}: sample {sample["__key__"]}'
+    out = []
+    if sample['__key__'] in seen:
+        out.append(f'{where}: duplicate key')
+    seen.add(sample['__key__'])
+    members = [k for k in sample if not k.startswith('__')]
+    if sorted(members) != sorted(manifest['members']):
+        out.append(f'{where}: members {sorted(members)} != manifest {sorted(manifest["members"])}')
+        return out
+    try:
+        extras = json.loads(sample['meta.json']).get('extras', [])
+        scene = decode_scene(sample, extras=extras)
+    except ShardError as e:
+        return out + [str(e)]
+    meta = scene.meta
+    if meta.get('schema_version') != manifest['schema_version']:
+        out.append(f'{where}: meta schema_version {meta.get("schema_version")}')
+    V = meta['num_views']
+    if scene.K.shape != (V, 3, 3) or scene.c2w.shape != (V, 4, 4):
+        out.append(f'{where}: cameras K {scene.K.shape} c2w {scene.c2w.shape} for {V} views')
+    try:
+        cameras.check_intrinsics(scene.K)
+        cameras.check_pose(scene.c2w)
+    except ValueError as e:
+        out.append(f'{where}: bad camera: {e}')
+    for kind, arr in scene.extras.items():
+        if arr.shape[1:3] != (meta['height'], meta['width']):
+            out.append(f'{where}: {kind} size {arr.shape[1:3]} != image size')
+    return out
+
+
+def contact_sheet(directory: str, out_path: str, num_scenes: int = 8, split: str | None = None,
+                  thumb: int = 64) -> str:
+    """A PNG grid: one row per scene (the first ``num_scenes`` of the split), one column per view."""
+    from PIL import Image
+    split = split or splits_in(directory)[0]
+    m = read_manifest(directory, split)
+    rows = []
+    for shard in m['shards']:
+        for sample in iter_samples(os.path.join(directory, shard['name'])):
+            scene = decode_scene(sample)
+            h, w = scene.images.shape[1:3]
+            size = (max(1, round(w * thumb / h)), thumb)
+            rows.append(np.concatenate([np.asarray(Image.fromarray(im).resize(size))
+                                        for im in scene.images], axis=1))
+            if len(rows) >= num_scenes:
+                break
+        if len(rows) >= num_scenes:
+            break
+    if not rows:
+        raise ValueError(f'{directory}: split {split} has no scenes')
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+                           for r in rows])
+    Image.fromarray(grid).save(out_path)
+    return out_path
