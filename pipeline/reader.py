@@ -56,7 +56,39 @@ def shard_urls(directory: str, split: str) -> list[str]:
     return [os.path.join(directory, s['name']) for s in read_manifest(directory, split)['shards']]
 
 
-def load_cameras(data: bytes, where: str = 'cameras.npz') -> tuple[np.ndarray, np.ndarray]:
+def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
+    """The float64 array of a stored (uncompressed) zip entry at ``pos`` holding an .npy of the
+    expected shape, and the offset after it; None if the bytes are not laid out as the converter
+    writes them (the caller then falls back to numpy.load)."""
+    if data[pos:pos + 4] != b'PK\x03\x04' or data[pos + 8:pos + 10] != b'\x00\x00':
+        return None
+    size = int.from_bytes(data[pos + 18:pos + 22], 'little')
+    start = pos + 30 + int.from_bytes(data[pos + 26:pos + 28], 'little') + \
+        int.from_bytes(data[pos + 28:pos + 30], 'little')
+    if data[start:start + 8] != b'\x93NUMPY\x01\x00':
+        return None
+    hlen = int.from_bytes(data[start + 8:start + 10], 'little')
+    header = data[start + 10:start + 10 + hlen]
+    want = ', '.join(str(d) for d in shape)
+    if b"'descr': '<f8'" not in header or b"'fortran_order': False" not in header or \
+            f"'shape': ({want})".encode() not in header:
+        return None
+    body = start + 10 + hlen
+    n = int(np.prod(shape)) * 8
+    if body + n != start + size:
+        return None
+    return np.frombuffer(data, np.float64, n // 8, body).reshape(shape), start + size
+
+
+def load_cameras(data: bytes, where: str = 'cameras.npz',
+                 num_views: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(K [V,3,3], c2w [V,4,4]) from ``cameras.npz`` bytes. With ``num_views`` the converter's
+    layout is parsed directly (~30x faster than numpy.load's zipfile path), else numpy.load."""
+    if num_views is not None:
+        K = _stored_npy(data, 0, (num_views, 3, 3))
+        c2w = _stored_npy(data, K[1], (num_views, 4, 4)) if K is not None else None
+        if c2w is not None:
+            return K[0], c2w[0]
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return npz['K'], npz['c2w']
@@ -71,8 +103,8 @@ def decode_scene(sample: dict[str, Any], views: Sequence[int] | None = None,
     where = f'{url}: sample {key}'
     try:
         meta = json.loads(sample[META])
-        K, c2w = load_cameras(sample[CAMERAS], f'{where} {CAMERAS}')
         V = meta['num_views']
+        K, c2w = load_cameras(sample[CAMERAS], f'{where} {CAMERAS}', V)
         views = list(range(V)) if views is None else [int(v) for v in views]
         images = None
         if decode_images:

@@ -47,7 +47,7 @@ def tree_bytes(out) -> dict:
             if n.endswith(('.tar', '.manifest.json', '.jsonl', 'README.md'))}
 
 
-def make_nmr_copies(dst, n_train, n_val=2):
+def make_nmr_copies(dst, n_train, n_val=2, prefix=''):
     """An NMR-layout source of n scenes, made of copies of the two test-vector scenes."""
     cls = dst / '02958343'
     cls.mkdir(parents=True)
@@ -55,7 +55,7 @@ def make_nmr_copies(dst, n_train, n_val=2):
     names = {'train': [], 'val': [], 'test': []}
     for split, count in (('train', n_train), ('val', n_val), ('test', n_val)):
         for i in range(count):
-            name = f'{split}{i:05d}'
+            name = f'{prefix}{split}{i:05d}'
             shutil.copytree(SRC / 'nmr/02958343' / ('scene00007', 'scene00008')[i % 2], cls / name)
             names[split].append(name)
         (cls / f'softras_{split}.lst').write_text(''.join(f'{n}\n' for n in names[split]))

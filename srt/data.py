@@ -1,0 +1,243 @@
+"""SRT examples from shard scenes, exactly as the reference loaders build them.
+
+An *item* is one model input: k input views and target rays. Per dataset (see REFERENCE.md):
+
+- ``nmr``: one input view, the targets are the other views in increasing order; an epoch of the
+  reference enumerates every (scene, input view) pair, so a scene yields one item per input view.
+- ``clevr3d`` / ``obsurf_msn``: one input view (optionally downsampled, ``downsample: d`` keeps
+  every 2^d-th pixel from 2^(d-1)), the targets are *all* views; one item per input view; scenes
+  with more than ``max_objects`` objects are dropped.
+- ``msn``: 5 input views drawn at random without replacement (their order matters: the first is
+  canonical), the targets are the other views in increasing order; one item per scene.
+
+Targets are ``num_points`` pixels drawn uniformly without replacement from all target pixels (with
+replacement only when there are fewer), or every pixel in row-major order per target view
+(``full_scale``). Everything is expressed in the canonical frame of the first input view unless
+``canonical_view`` is False.
+
+Items are compact (the loader's hot path): uint8 pixels, and per view the 3x3 matrix
+``M = canonical_from_world[:3, :3] @ R @ inv(K)`` (float64 on the CPU, then float32) and the
+camera position; ``to_model_inputs`` turns a batch of them into the reference's float tensors on
+the training device, computing ray directions ``normalise(M @ [u + 0.5, v + 0.5, 1])`` there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline import cameras
+from pipeline.decode import decode_png
+from pipeline.reader import ShardError, load_cameras
+from pipeline.schema import rgb_member
+
+NUM_MSN_INPUT_VIEWS = 5
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The reference YAML's ``data`` section."""
+    dataset: str  # nmr | clevr3d | obsurf_msn | msn
+    num_points: int = 2048  # target rays per item (the reference's default)
+    canonical_view: bool = True  # express everything in the first input view's canonical frame
+    downsample: int | None = None  # ObSuRF: keep every 2^d-th input pixel (clevr3d/srt uses 1)
+    max_objects: int = 6  # ObSuRF: drop scenes with more objects
+    full_scale: bool = False  # targets: every pixel instead of num_points samples
+
+    def __post_init__(self):
+        if self.dataset not in ('nmr', 'clevr3d', 'obsurf_msn', 'msn'):
+            raise ValueError(f'data.dataset {self.dataset!r} is not one of nmr, clevr3d, '
+                             'obsurf_msn, msn')
+        if self.downsample is not None and self.dataset not in ('clevr3d', 'obsurf_msn'):
+            raise ValueError('data.kwargs.downsample applies to clevr3d/obsurf_msn only')
+
+    @classmethod
+    def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
+        kwargs = dict(data.get('kwargs') or {})
+        known = {'canonical_view', 'downsample', 'max_objects'}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise ValueError(f'data.kwargs has unknown keys {sorted(unknown)} (known: {sorted(known)})')
+        return cls(dataset=data['dataset'], num_points=int(data.get('num_points', 2048)),
+                   full_scale=full_scale, **kwargs)
+
+    @property
+    def obsurf(self) -> bool:
+        return self.dataset in ('clevr3d', 'obsurf_msn')
+
+
+def key_seed(key: str, seed: int = 0) -> list[int]:
+    """SeedSequence entropy from a scene key: evaluation draws are reproducible per scene."""
+    digest = hashlib.sha256(f'{seed}:{key}'.encode()).digest()
+    return [int.from_bytes(digest[i:i + 4], 'little') for i in range(0, 16, 4)]
+
+
+# ----------------------------------------------------------------------------- per scene
+
+class SceneSource:
+    """One shard sample, decoded lazily: metadata and cameras at once, each view's pixels on first
+    use (a scene's items share them)."""
+
+    def __init__(self, sample: dict[str, Any]):
+        import json
+        self.sample = sample
+        self.key = sample['__key__']
+        where = f'{sample.get("__url__", "?")}: sample {self.key}'
+        try:
+            self.meta = json.loads(sample['meta.json'])
+            self.num_views = self.meta['num_views']
+            self.K, self.c2w = load_cameras(sample['cameras.npz'], where, self.num_views)
+        except ShardError:
+            raise
+        except Exception as e:
+            raise ShardError(f'{where}: {type(e).__name__}: {e}') from None
+        self.height, self.width = self.meta['height'], self.meta['width']
+        self.where = where
+        self._images: dict[int, np.ndarray] = {}
+
+    def image(self, view: int) -> np.ndarray:
+        """[h, w, 3] uint8 RGB (alpha dropped as the reference does)."""
+        img = self._images.get(view)
+        if img is None:
+            try:
+                img = decode_png(self.sample[rgb_member(view)], 3)
+            except Exception as e:
+                raise ShardError(f'{self.where} view {view}: {type(e).__name__}: {e}') from None
+            if img.shape[:2] != (self.height, self.width):
+                raise ShardError(f'{self.where} view {view}: image {img.shape[:2]} != meta size')
+            self._images[view] = img
+        return img
+
+    def num_objects(self) -> int | None:
+        return self.meta.get('source', {}).get('num_objects')
+
+
+def items_per_scene(cfg: DataConfig, num_views: int) -> int:
+    return 1 if cfg.dataset == 'msn' else num_views
+
+
+def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Generator
+                 ) -> tuple[list[int], list[int]]:
+    """(input views, target views) of a scene's ``item``-th item, as the reference chooses them."""
+    if cfg.dataset == 'msn':
+        inputs = [int(v) for v in rng.choice(num_views, NUM_MSN_INPUT_VIEWS, replace=False)]
+        return inputs, sorted(set(range(num_views)) - set(inputs))
+    if cfg.dataset == 'nmr':
+        return [item], [v for v in range(num_views) if v != item]
+    return [item], list(range(num_views))  # ObSuRF: the input view is a target too
+
+
+def canonical_transform(cfg: DataConfig, scene: SceneSource, view: int) -> np.ndarray:
+    """canonical_from_world [4, 4] float64 of the first input view (identity without canonical)."""
+    if not cfg.canonical_view:
+        return np.eye(4)
+    return cameras.canonical_from_world(scene.meta['canonical_frame'], scene.K[view],
+                                        scene.c2w[view], scene.height, scene.width)
+
+
+def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], targets: Sequence[int],
+              rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """The compact item (numpy) for the given views; ``rng`` draws the target pixels (None:
+    ``cfg.full_scale`` must be set)."""
+    T = canonical_transform(cfg, scene, inputs[0])
+    views = list(inputs) + list(targets)
+    M = T[:3, :3] @ scene.c2w[views, :3, :3] @ np.linalg.inv(scene.K[views])  # [n, 3, 3]
+    pos = scene.c2w[views, :3, 3] @ T[:3, :3].T + T[:3, 3]  # [n, 3]
+    k, h, w = len(inputs), scene.height, scene.width
+    step = 2 ** cfg.downsample if cfg.obsurf and cfg.downsample else 1
+    start = step // 2
+    input_images = np.stack([scene.image(v)[start::step, start::step] for v in inputs])
+    num_pixels = len(targets) * h * w
+    if cfg.full_scale:
+        flat = np.arange(num_pixels)
+    else:
+        flat = rng.choice(num_pixels, cfg.num_points, replace=num_pixels < cfg.num_points)
+    t_view, rem = np.divmod(flat, h * w)
+    rows, cols = np.divmod(rem, w)
+    target_images = np.stack([scene.image(v) for v in targets])  # [t, h, w, 3]
+    item = {
+        'input_images': input_images,  # [k, h', w', 3] uint8
+        'input_M': M[:k].astype(np.float32),  # [k, 3, 3]
+        'input_pos': pos[:k].astype(np.float32),  # [k, 3]
+        'target_pixels': target_images[t_view, rows, cols],  # [p, 3] uint8
+        'target_uv': np.stack([cols, rows], -1).astype(np.int16),  # [p, 2] (u, v)
+        'target_view': t_view.astype(np.int16),  # [p] index into the target cameras
+        'target_M': M[k:].astype(np.float32),  # [t, 3, 3]
+        'target_pos': pos[k:].astype(np.float32),  # [t, 3]
+        'input_grid': np.array([start, step], np.int16),  # input pixel (j) centre: start+step*j+.5
+    }
+    if cfg.canonical_view:
+        item['transform'] = T.astype(np.float32)
+    return item
+
+
+def scene_items(cfg: DataConfig, scene: SceneSource, rngs: Sequence[np.random.Generator | None],
+                items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Items of a scene (all of them by default), each drawing views/pixels from its own rng."""
+    items = range(items_per_scene(cfg, scene.num_views)) if items is None else items
+    out = []
+    for item, rng in zip(items, rngs):
+        inputs, targets = choose_views(cfg, scene.num_views, item, rng)
+        out.append(make_item(cfg, scene, inputs, targets, rng))
+    return out
+
+
+def keep_scene(cfg: DataConfig, scene: SceneSource) -> bool:
+    """The reference's max_objects filter (ObSuRF)."""
+    n = scene.num_objects()
+    return not (cfg.obsurf and n is not None and n > cfg.max_objects)
+
+
+def collate(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- on the device
+
+def _directions(M, u, v):
+    """normalise(M @ [u, v, 1]) for M [..., 3, 3] and pixel-centre coordinates u, v [...]."""
+    d = M[..., :, 0] * u[..., None] + M[..., :, 1] * v[..., None] + M[..., :, 2]
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def to_model_inputs(batch: dict[str, Any], device=None, non_blocking: bool = True
+                    ) -> dict[str, Any]:
+    """A collated batch of items -> the reference's batch (float32 tensors on ``device``).
+
+    Keys: input_images [b,k,3,h,w] in [0,1], input_camera_pos [b,k,3], input_rays [b,k,h,w,3],
+    target_pixels [b,p,3], target_camera_pos [b,p,3], target_rays [b,p,3], transform [b,4,4] (when
+    canonical). No host-device synchronisation.
+    """
+    import torch
+
+    def t(x):
+        x = torch.as_tensor(x)
+        return x.to(device, non_blocking=non_blocking) if device is not None else x
+
+    images = t(batch['input_images'])  # [b, k, h, w, 3] uint8
+    b, k, h, w, _ = images.shape
+    input_M, target_M = t(batch['input_M']), t(batch['target_M'])
+    grid = batch['input_grid'][0]  # identical for every item of a dataset config
+    start, step = int(grid[0]), int(grid[1])
+    dtype, dev = input_M.dtype, input_M.device
+    v, u = torch.meshgrid(torch.arange(h, device=dev, dtype=dtype) * step + (start + 0.5),
+                          torch.arange(w, device=dev, dtype=dtype) * step + (start + 0.5),
+                          indexing='ij')
+    input_rays = _directions(input_M[:, :, None, None], u, v)  # [b, k, h, w, 3]
+    uv = t(batch['target_uv']).to(dtype) + 0.5  # [b, p, 2]
+    view = t(batch['target_view']).long()  # [b, p]
+    M = torch.gather(target_M, 1, view[..., None, None].expand(-1, -1, 3, 3))  # [b, p, 3, 3]
+    target_pos = torch.gather(t(batch['target_pos']), 1, view[..., None].expand(-1, -1, 3))
+    out = {
+        'input_images': images.permute(0, 1, 4, 2, 3).to(dtype) / 255.0,
+        'input_camera_pos': t(batch['input_pos']),
+        'input_rays': input_rays,
+        'target_pixels': t(batch['target_pixels']).to(dtype) / 255.0,
+        'target_camera_pos': target_pos,
+        'target_rays': _directions(M, uv[..., 0], uv[..., 1]),
+    }
+    if 'transform' in batch:
+        out['transform'] = t(batch['transform'])
+    return out
