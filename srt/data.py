@@ -190,8 +190,10 @@ def keep_scene(cfg: DataConfig, scene: SceneSource) -> bool:
     return not (cfg.obsurf and n is not None and n > cfg.max_objects)
 
 
-def collate(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items; string fields (scene keys) become lists."""
+    return {k: ([it[k] for it in items] if isinstance(items[0][k], str)
+                else np.stack([it[k] for it in items])) for k in items[0]}
 
 
 # ----------------------------------------------------------------------------- on the device

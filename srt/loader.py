@@ -45,22 +45,32 @@ def _worker() -> tuple[int, int]:
 
 class TrainStream(IterableDataset):
     """Endless batches of ``batch_size`` items (per rank) as dicts of numpy arrays (see
-    ``srt.data.make_item``), plus ``_pos`` [logical worker, visit, position] and ``_bad`` (shards
-    found unreadable since the previous batch, each logged with its URL)."""
+    ``srt.data.make_item``) with ``scene_key`` (list), plus ``_pos`` [logical worker, visit,
+    position] and ``_bad`` (shards found unreadable since the previous batch, each logged with its
+    URL). With at least as many shards as ranks, the shards are dealt out to ranks by scene count,
+    so ranks train on disjoint scenes."""
 
     def __init__(self, cfg: DataConfig, shards: Sequence[tuple[str, int]], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shards_per_visit: int = 8,
                  item_buffer: int = 256, state: dict[str, Any] | None = None):
         if not shards:
             raise ValueError('TrainStream: no shards')
-        self.cfg, self.shards, self.batch_size = cfg, list(shards), batch_size
+        self.cfg, self.batch_size = cfg, batch_size
+        self.total_scenes = sum(n for _, n in shards)
+        if len(shards) >= world_size:  # each rank resamples its own shards: ranks see disjoint scenes
+            shards = [shards[i] for i in deal_shards(shards, world_size)[rank]]
+        elif rank == 0:
+            print(f'warning: {len(shards)} shards for {world_size} ranks: every rank samples all '
+                  'shards (scenes are not disjoint across ranks; convert with fewer scenes per shard)',
+                  file=sys.stderr)
+        self.shards = list(shards)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shards_per_visit, self.item_buffer = shards_per_visit, item_buffer
         self.state = state
 
     def batches_per_epoch(self, num_views: int) -> int:
         """Batches per rank that make one reference epoch (every item once, on average)."""
-        items = sum(n for _, n in self.shards) * items_per_scene(self.cfg, num_views)
+        items = self.total_scenes * items_per_scene(self.cfg, num_views)
         return max(1, -(-items // (self.batch_size * self.world_size)))
 
     def _start(self, logical: int) -> tuple[int, int]:
@@ -152,7 +162,9 @@ class TrainStream(IterableDataset):
 
     def _item(self, scene: SceneSource, item: int, rng: np.random.Generator) -> dict:
         inputs, targets = choose_views(self.cfg, scene.num_views, item, rng)
-        return make_item(self.cfg, scene, inputs, targets, rng)
+        out = make_item(self.cfg, scene, inputs, targets, rng)
+        out['scene_key'] = scene.key
+        return out
 
 
 # ----------------------------------------------------------------------------- stream state

@@ -39,7 +39,7 @@ def fingerprint(batch):
 
 
 def test_ranks_and_workers_yield_equal_full_batches_and_eval_sees_each_scene_once(seven_shards):
-    per_rank = []
+    per_rank, seen_keys = [], []
     for rank in range(2):
         stream = TrainStream(CFG, seven_shards, batch_size=3, seed=1, rank=rank, world_size=2,
                              shards_per_visit=2, item_buffer=16)
@@ -49,7 +49,9 @@ def test_ranks_and_workers_yield_equal_full_batches_and_eval_sees_each_scene_onc
         assert all(b['target_pixels'].shape == (3, 64, 3) for b in batches)
         assert {int(b['_pos'][0]) for b in batches} == {0, 1}  # both workers contribute
         per_rank.append([fingerprint(b) for b in batches])
+        seen_keys.append({k for b in batches for k in b['scene_key']})
     assert len(per_rank[0]) == len(per_rank[1]) and per_rank[0] != per_rank[1]
+    assert not seen_keys[0] & seen_keys[1]  # ranks train on disjoint scenes
 
     seen = []
     for rank in range(2):
