@@ -167,6 +167,7 @@ def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], target
         'target_M': M[k:].astype(np.float32),  # [t, 3, 3]
         'target_pos': pos[k:].astype(np.float32),  # [t, 3]
         'input_grid': np.array([start, step], np.int16),  # input pixel (j) centre: start+step*j+.5
+        'target_hw': np.array([h, w], np.int16),  # target image size (full-scale targets are images)
     }
     if cfg.canonical_view:
         item['transform'] = T.astype(np.float32)

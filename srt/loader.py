@@ -285,6 +285,28 @@ class EvalStream(IterableDataset):
         return out
 
 
+def fixed_items(cfg: DataConfig, shards: Sequence[tuple[str, int]], num_scenes: int,
+                seed: int = 0) -> dict[str, Any]:
+    """A collated batch of one item from each of the first ``num_scenes`` scenes (views and pixels
+    drawn from key-seeded generators): the fixed scenes of the visualisations."""
+    items = []
+    for url, _ in shards:
+        for sample in iter_shard(url):
+            scene = SceneSource(sample)
+            if not keep_scene(cfg, scene):
+                continue
+            rng = np.random.default_rng(key_seed(scene.key, seed))
+            item = int(rng.integers(items_per_scene(cfg, scene.num_views)))
+            inputs, targets = choose_views(cfg, scene.num_views, item, rng)
+            items.append(make_item(cfg, scene, inputs, targets, rng))
+            items[-1]['scene_key'] = scene.key
+            if len(items) == num_scenes:
+                return collate(items)
+    if not items:
+        raise ValueError('no scenes for the visualisation')
+    return collate(items)
+
+
 def loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False
            ) -> torch.utils.data.DataLoader:
     """A DataLoader over one of the streams (they batch themselves)."""

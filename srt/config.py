@@ -1,0 +1,144 @@
+"""Run configuration: the reference YAML's three sections as dataclasses, plus our options.
+
+A run config is resolved in this order: the reference config of the shards' dataset (``runs/``, the
+same as ``REFERENCE_CONFIGS`` below) or ``--config``, then command-line flags. The resolved config is
+written to the run directory and into every checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from srt.data import DataConfig
+from srt.model import ModelConfig
+
+RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs')
+
+_TRAINING = {'num_workers': 1, 'batch_size': 256, 'model_selection_metric': 'psnr',
+             'model_selection_mode': 'maximize', 'print_every': 10, 'visualize_every': 5000,
+             'validate_every': 5000, 'checkpoint_every': 1000, 'backup_every': 25000,
+             'max_it': 4000000, 'decay_it': 4000000, 'lr_warmup': 2500}
+_OCTAVES = {'pos_start_octave': -5}
+# The reference's runs/<dataset>/<model>/config.yaml (stelzner/srt), shipped in runs/ too.
+REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
+    'nmr/srt': {'data': {'dataset': 'nmr', 'num_points': 8192},
+                'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'lightfield', 'decoder_kwargs': _OCTAVES},
+                'training': {**_TRAINING, 'num_workers': 12, 'backup_every': 100000}},
+    'nmr/vsrt': {'data': {'dataset': 'nmr', 'num_points': 256},
+                 'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'nerf', 'decoder_kwargs': _OCTAVES},
+                 'training': {**_TRAINING, 'num_workers': 6, 'batch_size': 32}},
+    'msn/srt': {'data': {'dataset': 'msn', 'num_points': 8192},
+                'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'lightfield', 'decoder_kwargs': _OCTAVES},
+                'training': {**_TRAINING, 'backup_every': 100000}},
+    'msn/isrt': {'data': {'dataset': 'msn', 'num_points': 8192, 'kwargs': {'canonical_view': False}},
+                 'model': {'encoder': 'isrt', 'encoder_kwargs': _OCTAVES, 'decoder': 'isrt',
+                           'decoder_kwargs': _OCTAVES},
+                 'training': dict(_TRAINING)},
+    'clevr3d/srt': {'data': {'dataset': 'clevr3d', 'num_points': 8192, 'kwargs': {'downsample': 1}},
+                    'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'lightfield',
+                              'decoder_kwargs': _OCTAVES},
+                    'training': {**_TRAINING, 'num_workers': 8}},
+    'clevr3d/vsrt': {'data': {'dataset': 'clevr3d', 'num_points': 256, 'kwargs': {'downsample': 1}},
+                     'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'nerf', 'decoder_kwargs': _OCTAVES},
+                     'training': {**_TRAINING, 'num_workers': 6, 'batch_size': 32}},
+}
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The YAML ``training`` section (reference names) and our additions."""
+    batch_size: int = 256  # global: scenes per optimizer step over all ranks
+    num_workers: int = 1  # data-loading processes per rank
+    print_every: int = 10  # iterations between log lines / metrics.jsonl records
+    visualize_every: int = 5000  # iterations between visualisation PNGs (0: never)
+    validate_every: int = 5000  # iterations between evaluations (0: never)
+    checkpoint_every: int = 1000  # iterations between model.pt writes
+    backup_every: int = 25000  # iterations between model_<it>.pt copies (0: never)
+    max_it: int = 4000000  # stop after this many iterations
+    decay_it: int = 4000000  # LR decays by lr_decay over this many iterations after warmup
+    lr_warmup: int = 2500  # iterations of linear warmup from 0 to lr
+    model_selection_metric: str = 'psnr'  # metric that picks model_best.pt
+    model_selection_mode: str = 'maximize'  # maximize | minimize
+    num_coarse_samples: int = 128  # volumetric decoder: stratified samples per ray
+    num_fine_samples: int = 64  # volumetric decoder: hierarchical samples per ray
+    # ours
+    lr: float = 1e-4  # peak learning rate (the reference's fixed value)
+    lr_decay: float = 0.16  # factor per decay_it iterations (the reference's)
+    seed: int = 0  # model init and data stream
+    precision: str = 'auto'  # bf16 | fp32 | auto (bf16 where the device supports it)
+    compile: bool | None = None  # torch.compile the model (None: on for CUDA, off on CPU)
+    grad_accum: int = 1  # micro-batches per optimizer step (same global batch)
+    checkpointing: bool = False  # activation checkpointing of transformer blocks
+    eval_batch_size: int | None = None  # items per evaluation batch per rank (default batch/8)
+    max_eval: int | None = None  # evaluate on the first N scenes only
+    vis_scenes: int = 4  # scenes per visualisation grid
+    shards_per_visit: int = 8  # shards a data worker interleaves
+    item_buffer: int = 256  # items in a data worker's shuffle buffer
+    deterministic: bool = False  # torch deterministic algorithms (tests of exact resume)
+
+    def __post_init__(self):
+        if self.model_selection_mode not in ('maximize', 'minimize'):
+            raise ValueError('training.model_selection_mode must be maximize or minimize')
+        if self.precision not in ('auto', 'bf16', 'fp32'):
+            raise ValueError('training.precision (--precision) must be auto, bf16 or fp32')
+        for name in ('batch_size', 'grad_accum', 'max_it', 'print_every'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'training.{name} must be >= 1')
+
+
+@dataclasses.dataclass
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    training: TrainingConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.data
+        kwargs = {'canonical_view': d.canonical_view, 'max_objects': d.max_objects}
+        if d.downsample is not None:
+            kwargs['downsample'] = d.downsample
+        return {'data': {'dataset': d.dataset, 'num_points': d.num_points, 'kwargs': kwargs},
+                'model': self.model.to_dict(), 'training': dataclasses.asdict(self.training)}
+
+
+def reference_config(dataset: str, model: str = 'srt') -> dict[str, Any]:
+    """The reference config for a dataset (obsurf_msn uses CLEVR3D's, as the reference has none)."""
+    key = f'{"clevr3d" if dataset == "obsurf_msn" else dataset}/{model}'
+    if key not in REFERENCE_CONFIGS:
+        have = sorted(k for k in REFERENCE_CONFIGS if k.startswith(key.split('/')[0]))
+        raise ValueError(f'no reference config {key!r}; available: {have}')
+    cfg = copy.deepcopy(REFERENCE_CONFIGS[key])
+    cfg['data']['dataset'] = dataset
+    return cfg
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    unknown = set(cfg) - {'data', 'model', 'training'}
+    if unknown:
+        raise ValueError(f'{path}: unknown top-level sections {sorted(unknown)}')
+    return cfg
+
+
+def build(raw: dict[str, Any], full_scale: bool = False) -> RunConfig:
+    """Dataclasses from a raw dict (unknown keys are errors naming the section)."""
+    training = dict(raw.get('training') or {})
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(training) - names)
+    if unknown:
+        raise ValueError(f'training: unknown key(s) {unknown}')
+    model = dict(raw.get('model') or {})
+    model.setdefault('checkpointing', training.get('checkpointing', False))
+    return RunConfig(data=DataConfig.from_yaml(raw['data'], full_scale=full_scale),
+                     model=ModelConfig.from_dict(model), training=TrainingConfig(**training))
+
+
+def model_name(model: ModelConfig) -> str:
+    if model.decoder == 'nerf':
+        return 'vsrt'
+    return 'isrt' if model.encoder == 'isrt' else 'srt'
