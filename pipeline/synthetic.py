@@ -9,8 +9,8 @@ ambient light (Lambertian, with hard shadows), in front of a procedural environm
 (a function of the ray direction only, rotated about z per scene). NMR-style scenes instead hold one
 to three objects centred at the origin in front of a white background, like ShapeNet renders.
 
-Rendering intersects the rays of ``pipeline.cameras.image_rays(K, world_from_cam, h, w)`` (all pixels
-at once) with the scene analytically. Shading depends only on the surface point, never on the
+Rendering intersects the rays of ``pipeline.cameras.image_rays(K, world_from_cam, h, w)`` (all
+pixels at once) with the scene analytically. Shading depends only on the surface point, never on the
 viewer, so every view of a scene is consistent by construction; the optional per-pixel render noise
 (a few levels of 255, seeded per view) is the only view-dependent term. Units are world units (the
 source dataset's), directions unit length, frames as in ``docs/CONVENTIONS.md``.
@@ -53,21 +53,24 @@ _EPS = 1e-9
 class SceneStyle:
     """How one dataset's scenes are sampled."""
     num_objects: tuple[int, int]  # inclusive range of the number of objects
-    extent: float  # object centres lie in [-extent, extent]^2 (world units)
+    extent: float  # object centres lie in [-extent, extent]^2 (world units; not used by NMR)
     radius: tuple[float, float]  # footprint radius range (sphere radius, box half-width, ...)
     white_background: bool = False  # NMR: no ground, no environment, background exactly 255
     noise_std: float = 2.0  # render noise, standard deviation in levels of 255 (0: none)
 
 
+# Noise levels are chosen so that the PNG sizes resemble the real datasets' (measured, mean per
+# colour image): MSN 128x128 ~35 KiB (real: 25-40 KB, textured objects, HDRI backgrounds);
+# ObSuRF 320x240 RGBA ~110 KiB (noise-free: the tiled ground carries the detail); NMR 64x64 ~1.6 KiB.
 STYLES = {
     # ObSuRF CLEVR3D: CLEVR scale, at most 6 objects so the reference's max_objects=6 keeps all.
-    'clevr': SceneStyle(num_objects=(3, 6), extent=3.0, radius=(0.35, 0.75)),
+    'clevr': SceneStyle(num_objects=(3, 6), extent=3.0, radius=(0.35, 0.75), noise_std=0.0),
     # ObSuRF-MSN: 2-4 objects (its metadata has 5 object slots).
-    'obsurf-msn': SceneStyle(num_objects=(2, 4), extent=2.5, radius=(0.5, 0.9)),
+    'obsurf-msn': SceneStyle(num_objects=(2, 4), extent=2.5, radius=(0.5, 0.9), noise_std=0.0),
     # SRT MultiShapeNet: more objects, cameras on a shell ~9-13 units away.
     'msn': SceneStyle(num_objects=(3, 8), extent=3.0, radius=(0.35, 0.8)),
     # NMR (ShapeNet renders): 1-3 objects centred at the origin, white background.
-    'nmr': SceneStyle(num_objects=(1, 3), extent=0.5, radius=(0.15, 0.45),
+    'nmr': SceneStyle(num_objects=(1, 3), extent=0.5, radius=(0.15, 0.3),
                       white_background=True, noise_std=1.5),
 }
 
@@ -173,7 +176,7 @@ def _place_nmr_objects(rng, style: SceneStyle, n: int):
     """A main object at the origin and smaller companions beside it, all on one (invisible) plane,
     the group re-centred on the origin (NMR's ShapeNet models are centred in the unit cube)."""
     kinds = rng.integers(len(KINDS), size=n)
-    radii = np.concatenate([[rng.uniform(0.3, 0.45)], rng.uniform(style.radius[0], 0.25, n - 1)])
+    radii = np.concatenate([[rng.uniform(0.35, 0.5)], rng.uniform(*style.radius, n - 1)])
     half_heights = np.array([r if KINDS[k] == 'sphere' else r * rng.uniform(0.7, 1.3)
                              for k, r in zip(kinds, radii)])
     bounds = np.array([_footprint(k, r) for k, r in zip(kinds, radii)])
@@ -245,7 +248,8 @@ NMR_FOCAL = 2.17505728  # DVR's camera_mat diag(f, f, 1, 1) (normalised image co
 
 
 def nmr_intrinsics(height: int = 64, width: int = 64, focal: float = NMR_FOCAL) -> np.ndarray:
-    """K [3, 3] (pixels) whose NMR encoding (``cameras.opencv_to_nmr``) has camera_mat diag(f, f, 1, 1).
+    """K [3, 3] (pixels) whose NMR encoding (``cameras.opencv_to_nmr``) has camera_mat
+    diag(f, f, 1, 1).
 
     The reference maps x = linspace(-1, 1, W)[u] = a (u + 0.5) + b with a = 2 / (W - 1),
     b = -a / 2 - 1, then divides by f; inverting gives fx = f / a and cx = -b / a.
@@ -291,9 +295,9 @@ def msn_intrinsics(height: int = 128, width: int = 128, focal_px: float = 140.0)
 def msn_cameras(rng, num_views: int = 10, height: int = 128, width: int = 128,
                 distance: tuple[float, float] = (9.0, 13.0),
                 elevation_deg: tuple[float, float] = (15.0, 60.0), target_std: float = 0.1):
-    """Cameras on a half-sphere shell (radius 9-13, elevation 15-60 degrees, random azimuths) looking
-    at the scene centre (jittered by ``target_std``), z up. Returns (K [v, 3, 3], world_from_cam
-    [v, 4, 4])."""
+    """Cameras on a half-sphere shell (radius 9-13, elevation 15-60 degrees, random azimuths)
+    looking at the scene centre (jittered by ``target_std``), z up. Returns (K [v, 3, 3],
+    world_from_cam [v, 4, 4])."""
     az = rng.uniform(0, 2 * math.pi, num_views)
     el = np.radians(rng.uniform(*elevation_deg, num_views))
     d = rng.uniform(*distance, num_views)
@@ -313,31 +317,35 @@ def _to_local(scene: Scene, i: int, p: np.ndarray, is_direction: bool = False) -
     return np.stack([c * q[:, 0] + s * q[:, 1], -s * q[:, 0] + c * q[:, 1], q[:, 2]], axis=-1)
 
 
-def _intersect_object(scene: Scene, i: int, o: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Ray distance t [r] to object i for origins o [r, 3] (or [3]) and unit directions d [r, 3];
-    inf where the ray misses it (or hits only behind its origin).
-
-    Only the rays that meet the object's bounding sphere are intersected exactly.
-    """
-    o = np.asarray(o)
+def _bounding_sphere(scene: Scene, i: int) -> tuple[np.ndarray, float]:
+    """Centre and radius of a sphere enclosing object i (slightly enlarged)."""
     radius = math.hypot(_footprint(scene.kind[i], scene.radius[i]), scene.half_height[i]) * 1.001
-    oc = o - scene.center[i]
-    if o.ndim == 1:
-        b = d @ oc
-        cc = oc @ oc - radius * radius
-    else:
-        b = np.einsum('ij,ij->i', d, oc)
-        cc = np.einsum('ij,ij->i', oc, oc) - radius * radius
+    return scene.center[i], radius
+
+
+def _candidates(b: np.ndarray, cc: np.ndarray) -> np.ndarray:
+    """Indices of the rays that meet a sphere ahead of their origin, given b = d . (o - c) and
+    cc = |o - c|^2 - R^2."""
     disc = b * b - cc
-    cand = np.flatnonzero((disc >= 0) & (np.sqrt(np.maximum(disc, 0.0)) - b > _EPS))
+    return np.flatnonzero((disc >= 0) & (np.sqrt(np.maximum(disc, 0.0)) - b > _EPS))
+
+
+def _intersect_object(scene: Scene, i: int, o: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Ray distance t [r] to object i for one origin o [3] and unit directions d [r, 3]; inf where
+    the ray misses it (or hits only behind its origin). Only the rays that meet the object's
+    bounding sphere are intersected exactly."""
+    center, radius = _bounding_sphere(scene, i)
+    oc = o - center
+    cand = _candidates(d @ oc, np.full(len(d), oc @ oc - radius * radius))
     t = np.full(len(d), np.inf)
     if len(cand):
-        t[cand] = _intersect_exact(scene, i, o if o.ndim == 1 else o[cand], d[cand])
+        t[cand] = _intersect_exact(scene, i, o, d[cand])
     return t
 
 
 def _intersect_exact(scene: Scene, i: int, o: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """``_intersect_object`` without culling."""
+    """Ray distance t [r] to object i for origins o [r, 3] (or [3]) and unit directions d [r, 3],
+    inf for a miss; every ray is intersected exactly (no culling)."""
     kind = KINDS[scene.kind[i]]
     r, h = scene.radius[i], scene.half_height[i]
     o = np.broadcast_to(o, d.shape)
@@ -395,8 +403,8 @@ def _object_normals(scene: Scene, i: int, points: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-def trace(scene: Scene, origins: np.ndarray, directions: np.ndarray):
-    """First hit along each ray: origins [r, 3] (or [3]), unit directions [r, 3].
+def trace(scene: Scene, origin: np.ndarray, directions: np.ndarray):
+    """First hit along rays from one origin [3] with unit directions [r, 3].
 
     Returns (t [r] ray distance, inf for none; hit [r] int: object index, ``num_objects`` for the
     ground, -1 for nothing).
@@ -405,11 +413,11 @@ def trace(scene: Scene, origins: np.ndarray, directions: np.ndarray):
     t = np.full(len(directions), np.inf)
     hit = np.full(len(directions), -1, dtype=np.int64)
     for i in range(n):
-        ti = _intersect_object(scene, i, origins, directions)
+        ti = _intersect_object(scene, i, origin, directions)
         closer = ti < t
         t[closer], hit[closer] = ti[closer], i
     if not STYLES[scene.style].white_background:
-        oz = np.broadcast_to(origins, directions.shape)[:, 2]
+        oz = origin[2]
         with np.errstate(divide='ignore', invalid='ignore'):
             tg = np.where((directions[:, 2] < -1e-12) & (oz > 0), -oz / directions[:, 2], np.inf)
         closer = tg < t
@@ -418,19 +426,40 @@ def trace(scene: Scene, origins: np.ndarray, directions: np.ndarray):
 
 
 def _in_shadow(scene: Scene, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """[r] bool: the light is blocked by an object (the ground never casts shadows)."""
+    """[r] bool: the light is blocked by an object (the ground never casts shadows).
+
+    All shadow rays share the direction ``light_dir``, so the bounding-sphere test of each object
+    needs one matrix-vector product: with o the (offset) points and c the sphere centre,
+    d . (o - c) = o . d - c . d and |o - c|^2 = |o|^2 - 2 o . c + |c|^2.
+    """
     origins = points + 1e-6 * normals
-    d = np.broadcast_to(scene.light_dir, points.shape)
+    light = scene.light_dir
+    o_dot_l = origins @ light
+    o_sq = np.einsum('ij,ij->i', origins, origins)
     blocked = np.zeros(len(points), dtype=bool)
     for i in range(scene.num_objects):
-        todo = ~blocked
-        if not todo.any():
-            break
-        blocked[todo] = np.isfinite(_intersect_object(scene, i, origins[todo], d[todo]))
+        center, radius = _bounding_sphere(scene, i)
+        cand = _candidates(o_dot_l - center @ light,
+                           o_sq - 2.0 * (origins @ center) + center @ center - radius * radius)
+        cand = cand[~blocked[cand]]
+        if len(cand):
+            d = np.broadcast_to(light, (len(cand), 3))
+            blocked[cand] = np.isfinite(_intersect_exact(scene, i, origins[cand], d))
     return blocked
 
 
 # ----------------------------------------------------------------------------- appearance
+
+def _rows_times(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x [r, a] @ m.T for m [k, a]: every row of x multiplied by m. (numpy's matmul is ~100x
+    slower with a transposed, F-ordered right operand, hence the contiguous copy.)"""
+    return x @ np.ascontiguousarray(m.T)
+
+
+def _mean_rows(x: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of x [r, k] (a matrix-vector product: faster than .mean(-1))."""
+    return x @ np.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype)
+
 
 def _tile_hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
     """Deterministic per-tile value in [0, 1) from integer tile coordinates (integer hashing)."""
@@ -440,14 +469,16 @@ def _tile_hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
 
 
 def ground_albedo(scene: Scene, xy: np.ndarray) -> np.ndarray:
-    """Ground colour [r, 3] at world points xy [r, 2]: tiles of varying brightness, dark grout lines,
-    fine-grain waves, fading to ``far_color`` beyond radius 6 (a function of x, y only)."""
+    """Ground colour [r, 3] at world points xy [r, 2]: tiles of varying brightness, dark grout
+    lines, fine-grain waves, fading to ``far_color`` beyond radius 6 (a function of x, y only)."""
     u = xy / scene.tile_size
     iu = np.floor(u)
     fu = u - iu
     tile = _tile_hash(iu[:, 0], iu[:, 1], scene.tile_hash)
     grout = np.minimum(fu, 1.0 - fu).min(axis=-1) < 0.03
-    grain = np.sin(xy @ scene.ground_k.T + scene.ground_phase).mean(axis=-1)
+    # float32 is plenty for a texture and twice as fast
+    grain = _mean_rows(np.sin(_rows_times(xy.astype(np.float32), scene.ground_k.astype(np.float32))
+                              + scene.ground_phase.astype(np.float32)))
     shade = (1.0 + 0.25 * (tile - 0.5)) * (1.0 + 0.35 * grain)
     albedo = np.where(grout[:, None], scene.grout_color, scene.ground_color * shade[:, None])
     fade = np.exp(-np.maximum(np.hypot(xy[:, 0], xy[:, 1]) - 6.0, 0.0) / 20.0)[:, None]
@@ -458,7 +489,7 @@ def object_albedo(scene: Scene, i: int, points: np.ndarray) -> np.ndarray:
     """Colour [r, 3] of object i at surface points [r, 3]: its colour with a mild (+-12%) texture
     of three waves in object-local coordinates."""
     q = _to_local(scene, i, points)
-    waves = np.sin(q @ scene.tex_k[i].T + scene.tex_phase[i])  # [r, 3]
+    waves = np.sin(_rows_times(q, scene.tex_k[i]) + scene.tex_phase[i])  # [r, 3]
     pattern = 0.5 * waves[:, 0] + 0.3 * waves[:, 1] * waves[:, 2]
     return scene.color[i] * (1.0 + 0.15 * pattern)[:, None]
 
@@ -466,17 +497,18 @@ def object_albedo(scene: Scene, i: int, points: np.ndarray) -> np.ndarray:
 def environment(scene: Scene, directions: np.ndarray) -> np.ndarray:
     """Radiance [r, 3] of the environment at infinity in unit directions [r, 3] (world): sky
     gradient, clouds, a sun glow and a distant skyline, rotated about z per scene."""
-    d = directions @ scene.env_from_world.T
+    d = _rows_times(directions, scene.env_from_world)
     z = np.clip(d[:, 2], -1.0, 1.0)
     el = np.arcsin(z)
     sky = scene.horizon_color + (scene.zenith_color - scene.horizon_color) * (
         np.clip(el / 0.8, 0.0, 1.0) ** 0.7)[:, None]
-    clouds = np.sin(d @ scene.cloud_k.T + scene.cloud_phase).mean(axis=-1)
+    clouds = _mean_rows(np.sin(_rows_times(d, scene.cloud_k) + scene.cloud_phase))
     cover = np.clip((clouds - 0.05) * 4.0, 0.0, 1.0) * np.clip(el * 5.0, 0.0, 1.0)
     sky = sky + (0.95 - sky) * (0.8 * cover)[:, None]
     sky = sky + 0.4 * np.exp((d @ scene.sun_dir - 1.0) * 300.0)[:, None]
     az = np.arctan2(d[:, 1], d[:, 0])
-    skyline = 0.02 + np.sin(np.outer(az, scene.skyline_freq) + scene.skyline_phase) @ scene.skyline_amp
+    skyline = 0.02 + (np.sin(np.outer(az, scene.skyline_freq) + scene.skyline_phase)
+                      @ scene.skyline_amp)
     windows = (np.sin(az * 180.0) > 0.6) & (np.sin(el * 240.0) > 0.0)
     land = scene.skyline_color * (1.0 - 0.25 * windows)[:, None] * (0.7 + 0.3 * np.clip(
         (skyline - el)[:, None] * -20.0 + 1.0, 0.0, 1.0))
@@ -485,16 +517,16 @@ def environment(scene: Scene, directions: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- rendering
 
-def render_rays(scene: Scene, origins: np.ndarray, directions: np.ndarray) -> dict[str, np.ndarray]:
-    """Noise-free radiance of rays: origins [r, 3] (or [3]), unit directions [r, 3].
+def render_rays(scene: Scene, origin: np.ndarray, directions: np.ndarray) -> dict[str, np.ndarray]:
+    """Noise-free radiance of rays from one origin [3] (a camera centre), unit directions [r, 3].
 
     Returns 'radiance' [r, 3] float in [0, 1], 'depth' [r] (ray distance; inf where nothing is hit),
     'object_id' [r] int (0 background and ground, i + 1 for object i), 'category' [r] int
     (0 background and ground, else the object kind + 1).
     """
     directions = np.asarray(directions, dtype=np.float64)
-    origins = np.broadcast_to(np.asarray(origins, dtype=np.float64), directions.shape)
-    t, hit = trace(scene, origins, directions)
+    origin = np.asarray(origin, dtype=np.float64)
+    t, hit = trace(scene, origin, directions)
     n = scene.num_objects
     radiance = np.empty(directions.shape)
     miss = hit < 0
@@ -504,7 +536,7 @@ def render_rays(scene: Scene, origins: np.ndarray, directions: np.ndarray) -> di
         radiance[miss] = environment(scene, directions[miss])
     surf = ~miss
     if surf.any():
-        pts = origins[surf] + t[surf, None] * directions[surf]
+        pts = origin + t[surf, None] * directions[surf]
         ids = hit[surf]
         normals = np.empty_like(pts)
         albedo = np.empty_like(pts)
