@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 from typing import Any, Iterable
 
 import numpy as np
@@ -67,3 +69,130 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
         if key in records[0]:
             out[key] = float(np.mean([r[key] for r in records]))
     return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def load_for_evaluation(checkpoint: str, shards: str, config: str | None = None, device='cpu'):
+    """(model, RunConfig, checkpoint dict) from our checkpoint (its config inside) or a reference
+    checkpoint (config from --config, else the reference config of the shards' dataset, with the
+    encoder type read off the weights)."""
+    from pipeline.reader import read_manifest
+    from srt import config as run_config
+    from srt.checkpoint import load_checkpoint, load_model_state
+    from srt.model import SRT
+
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    dataset = read_manifest(shards, 'train' if os.path.exists(
+        os.path.join(shards, 'train.manifest.json')) else 'test')['dataset']
+    if config is not None:
+        raw = run_config.load_yaml(config)
+    elif 'config' in ckpt:
+        raw = ckpt['config']
+    else:
+        isrt = any(k.startswith('allocation_transformer') for k in ckpt['decoder'])
+        nerf = any(k.startswith('coarse_net') for k in ckpt['decoder'])
+        raw = run_config.reference_config(dataset, 'vsrt' if nerf else 'isrt' if isrt else 'srt')
+    if raw['data']['dataset'] != dataset:
+        raise SystemExit(f'error: the checkpoint\'s config is for {raw["data"]["dataset"]!r}, the '
+                         f'shards in {shards} hold {dataset!r}')
+    cfg = run_config.build(raw)
+    model = SRT(cfg.model).to(device)
+    load_model_state(model, ckpt)
+    return model, cfg, ckpt
+
+
+def lpips_metric(device):
+    """LPIPS (AlexNet) if the lpips package and its backbone weights are on this machine; no
+    download ever happens at run time. Returns (fn or None, reason)."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return None, 'LPIPS skipped: the lpips package is not installed'
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    if not (os.path.isdir(hub) and any(f.startswith('alexnet') for f in os.listdir(hub))):
+        return None, f'LPIPS skipped: no AlexNet weights in {hub} (no download at run time)'
+    import lpips
+    net = lpips.LPIPS(net='alex', verbose=False).to(device).eval()
+    return (lambda a, b: net(a.permute(0, 3, 1, 2) * 2 - 1, b.permute(0, 3, 1, 2) * 2 - 1)
+            .flatten()), 'LPIPS (AlexNet)'
+
+
+def main(argv=None) -> int:
+    import argparse
+    import csv
+    import json as jsonlib
+
+    from srt.loader import EvalStream, loader, shard_table
+    from srt.train import setup_distributed
+
+    p = argparse.ArgumentParser(description='Evaluate an SRT checkpoint (ours or the reference\'s) '
+                                'on a split of shards: PSNR (reference definition), SSIM, LPIPS.')
+    p.add_argument('--shards', required=True, help='shard directory')
+    p.add_argument('--checkpoint', required=True, help='model.pt / model_best.pt / reference file')
+    p.add_argument('--config', help='YAML config (default: the checkpoint\'s, or the reference one)')
+    p.add_argument('--split', default='test', help='split to evaluate (default test)')
+    p.add_argument('--sampled', action='store_true', help='score num_points sampled rays per item '
+                   'as the trainer\'s validation does, instead of full images')
+    p.add_argument('--num-points', type=int, help='rays per item with --sampled')
+    p.add_argument('--max-eval', type=int, help='only the first N scenes')
+    p.add_argument('--seed', type=int, help='seed of the view/pixel draws (default: the run\'s)')
+    p.add_argument('--batch-size', type=int, default=4, help='items per batch per rank')
+    p.add_argument('--workers', type=int, default=1)
+    p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    p.add_argument('--skip-bad', action='store_true', help='skip unreadable shards (counted)')
+    p.add_argument('--out', help='directory for <split>_scenes.csv and <split>_summary.json '
+                   '(default: the checkpoint\'s directory)')
+    args = p.parse_args(argv)
+    rank, world, device = setup_distributed()
+    model, cfg, ckpt = load_for_evaluation(args.checkpoint, args.shards, args.config, device)
+    full = not args.sampled
+    data = dataclasses.replace(cfg.data, full_scale=full,
+                               num_points=args.num_points or cfg.data.num_points)
+    seed = args.seed if args.seed is not None else cfg.training.seed
+    stream = EvalStream(data, shard_table(args.shards, args.split), args.batch_size, rank=rank,
+                        world_size=world, max_scenes=args.max_eval, seed=seed,
+                        skip_bad=args.skip_bad)
+    render_kwargs = {}
+    if cfg.model.decoder == 'nerf':
+        from srt.train import manifest_near_far
+        near, far = manifest_near_far(args.shards)
+        render_kwargs = {'min_dist': near, 'max_dist': far,
+                         'num_coarse_samples': cfg.training.num_coarse_samples,
+                         'num_fine_samples': cfg.training.num_fine_samples}
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if args.precision == 'bf16' else contextlib.nullcontext
+    from tqdm import tqdm
+    bar = tqdm(desc=f'evaluate {args.split}', unit='item', disable=rank != 0)
+    summary, records = evaluate(model, loader(stream, args.workers), device, render_kwargs,
+                                autocast, full_scale=full, progress=bar)
+    bar.close()
+    lpips_fn, lpips_note = lpips_metric(device) if full else (None, 'LPIPS needs full images')
+    if rank == 0:
+        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        os.makedirs(out, exist_ok=True)
+        per_scene = {}
+        for r in records:
+            per_scene.setdefault((r['scene_index'], r['scene_key']), []).append(r)
+        csv_path = os.path.join(out, f'{args.split}_scenes.csv')
+        metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse') if k in records[0]]
+        with open(csv_path, 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['scene_index', 'scene_key', 'items', *metrics])
+            for (index, key), rs in sorted(per_scene.items()):
+                w.writerow([index, key, len(rs), *(f'{np.mean([r[m] for r in rs]):.6f}'
+                                                   for m in metrics)])
+        summary.update(checkpoint=os.path.abspath(args.checkpoint), split=args.split,
+                       full_images=full, iteration=ckpt.get('it'), lpips=lpips_note,
+                       seed=seed)
+        with open(os.path.join(out, f'{args.split}_summary.json'), 'w') as f:
+            jsonlib.dump(summary, f, indent=1)
+        print(f'{args.split}: {summary["scenes"]} scenes, {summary["items"]} items: PSNR '
+              f'{summary["psnr"]:.3f} dB' + (f', SSIM {summary["ssim"]:.4f}' if 'ssim' in summary
+                                             else '') + f'\n{lpips_note}\nper-scene CSV: {csv_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    import sys
+    sys.exit(main())
