@@ -203,7 +203,7 @@ def sample_scene(style: str, seed: int, split: str, index: int) -> Scene:
     place = _place_nmr_objects if st.white_background else _place_objects
     kind, center, radius, half_height, yaw = place(rng, st, n)
     n = len(kind)
-    # Mild object texture: three waves in object-local coordinates, 1-3 cycles per object size.
+    # Mild object texture: three waves in object-local coordinates, 1-3 cycles per radius.
     tex_k = rng.normal(size=(n, 3, 3))
     tex_k *= (rng.uniform(2.0, 6.0, (n, 3, 1)) * math.pi / np.maximum(radius, 1e-3)[:, None, None]
               / np.linalg.norm(tex_k, axis=-1, keepdims=True))

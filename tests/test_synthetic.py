@@ -58,8 +58,8 @@ def test_scenes_are_deterministic_and_physically_valid(style):
         for i in range(a.num_objects):
             for j in range(i):
                 assert np.hypot(*(a.center[i, :2] - a.center[j, :2])) > bounds[i] + bounds[j]
-        hsv_sat = a.color.max(1) - a.color.min(1)
-        assert np.all(hsv_sat > 0.4), 'objects must be clearly coloured'
+        chroma = a.color.max(1) - a.color.min(1)
+        assert np.all(chroma > 0.4), 'objects must be clearly coloured'
     for other in (S.sample_scene(style, 1, 'train', 1), S.sample_scene(style, 1, 'val', 0),
                   S.sample_scene(style, 2, 'train', 0)):
         assert not np.array_equal(S.sample_scene(style, 1, 'train', 0).color, other.color)
