@@ -39,11 +39,13 @@ NMR_WORLD_ROTATION = np.array([[1.0, 0.0, 0.0, 0.0],
 
 # ----------------------------------------------------------------------------- validation
 
+_LAST_ROW_K, _LAST_ROW_POSE, _EYE3 = np.array([0.0, 0.0, 1.0]), np.array([0.0, 0.0, 0.0, 1.0]), np.eye(3)
+
 def _as_matrix(x, shape: tuple[int, int], name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim < 2 or a.shape[-2:] != shape:
         raise ValueError(f'{name} must have shape [..., {shape[0]}, {shape[1]}], got {list(a.shape)}')
-    if not np.all(np.isfinite(a)):
+    if not np.isfinite(a).all():
         raise ValueError(f'{name} has non-finite values (nan or inf)')
     return a
 
@@ -55,7 +57,7 @@ def check_intrinsics(K) -> np.ndarray:
     singular matrix.
     """
     K = _as_matrix(K, (3, 3), 'intrinsics K')
-    if not np.allclose(K[..., 2, :], [0.0, 0.0, 1.0], atol=1e-6):
+    if np.abs(K[..., 2, :] - _LAST_ROW_K).max() > 1e-6:
         raise ValueError(f'intrinsics K must have last row (0, 0, 1), got {K[..., 2, :].tolist()}')
     if np.any(np.abs(np.linalg.det(K)) < 1e-12):
         raise ValueError('intrinsics K is singular (zero focal length?)')
@@ -72,13 +74,13 @@ def check_pose(world_from_cam, name: str = 'world_from_cam') -> np.ndarray:
         bottom = np.broadcast_to([0.0, 0.0, 0.0, 1.0], a.shape[:-2] + (1, 4))
         a = np.concatenate([a, bottom], axis=-2)
     a = _as_matrix(a, (4, 4), name)
-    if not np.allclose(a[..., 3, :], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
+    if np.abs(a[..., 3, :] - _LAST_ROW_POSE).max() > 1e-6:
         raise ValueError(f'{name} must have last row (0, 0, 0, 1), got {a[..., 3, :].tolist()}')
     R = a[..., :3, :3]
     det = np.linalg.det(R)
     if np.any(np.abs(det) < 1e-12):
         raise ValueError(f'{name} has a singular rotation block')
-    err = np.abs(np.swapaxes(R, -1, -2) @ R - np.eye(3)).max()
+    err = np.abs(np.swapaxes(R, -1, -2) @ R - _EYE3).max()
     if err > 1e-4:
         raise ValueError(f'{name} rotation block is not orthonormal (max |R^T R - I| = {err:.2e})')
     if np.any(det < 0):
@@ -262,11 +264,12 @@ def obsurf_to_opencv(camera_pos, height: int = 240, width: int = 320, focal_leng
 
 
 def sunds_to_opencv(K, extrinsics_R, extrinsics_t, pose_R=np.eye(3), pose_t=np.zeros(3)):
-    """sunds camera -> (K, world_from_cam); world = sunds' scene frame.
+    """sunds camera(s) -> (K, world_from_cam); world = sunds' scene frame.
 
     sunds stores ``extrinsics`` as camera_from_frame ([R | t], OpenCV axes) and the frame ``pose`` as
     scene_from_frame, so scene_from_camera = scene_from_frame @ inverse(camera_from_frame). Its K
-    already uses pixel centres at +0.5.
+    already uses pixel centres at +0.5. K [..., 3, 3], R [..., 3, 3], t [..., 3] for one camera or
+    a stack of them (one frame pose).
     """
     camera_from_frame = _rigid(extrinsics_R, extrinsics_t, 'sunds extrinsics')
     scene_from_frame = _rigid(pose_R, pose_t, 'sunds frame pose')
@@ -289,9 +292,17 @@ def _as_vector(x, name: str) -> np.ndarray:
 
 
 def _rigid(R, t, name: str) -> np.ndarray:
-    T = np.eye(4)
-    T[:3, :3] = _as_matrix(R, (3, 3), f'{name} R')
-    T[:3, 3] = _as_vector(t, f'{name} t')
+    """[..., 4, 4] from rotations [..., 3, 3] and translations [..., 3], validated."""
+    R = _as_matrix(R, (3, 3), f'{name} R')
+    t = np.asarray(t, dtype=np.float64)
+    if t.shape != R.shape[:-1]:
+        raise ValueError(f'{name} t must have shape {list(R.shape[:-1])}, got {list(t.shape)}')
+    if not np.isfinite(t).all():
+        raise ValueError(f'{name} t has non-finite values (nan or inf)')
+    T = np.zeros(R.shape[:-2] + (4, 4))
+    T[..., :3, :3] = R
+    T[..., :3, 3] = t
+    T[..., 3, 3] = 1.0
     return check_pose(T, name)
 
 

@@ -28,8 +28,25 @@ def _octal(value: int, width: int) -> bytes:
     return digits.rjust(width - 1, b'0') + b'\0'
 
 
+def _header_template() -> bytearray:
+    header = bytearray(BLOCK)
+    header[100:108] = _octal(0o644, 8)
+    header[108:116] = _octal(0, 8)
+    header[116:124] = _octal(0, 8)
+    header[136:148] = _octal(0, 12)
+    header[156:157] = b'0'
+    header[257:263] = b'ustar\0'
+    header[263:265] = b'00'
+    return header
+
+
+_TEMPLATE = bytes(_header_template())
+_TEMPLATE_SUM = sum(_TEMPLATE) + 8 * ord(' ')  # checksum field counted as spaces
+
+
 def member_header(name: str, size: int) -> bytes:
-    """A 512-byte ustar header for a regular file ``name`` of ``size`` bytes (deterministic fields)."""
+    """A 512-byte ustar header for a regular file ``name`` of ``size`` bytes (deterministic fields:
+    mode 0644, uid/gid 0, mtime 0, no user/group names)."""
     raw = name.encode('utf-8')
     prefix = b''
     if len(raw) > 100:  # ustar splits long paths at a '/' into prefix (155) + name (100)
@@ -37,19 +54,14 @@ def member_header(name: str, size: int) -> bytes:
         if cut <= 0 or len(raw) - cut - 1 > 100:
             raise ValueError(f'member name too long for ustar: {name!r}')
         prefix, raw = raw[:cut], raw[cut + 1:]
-    header = bytearray(BLOCK)
+    header = bytearray(_TEMPLATE)
     header[0:len(raw)] = raw
-    header[100:108] = _octal(0o644, 8)
-    header[108:116] = _octal(0, 8)
-    header[116:124] = _octal(0, 8)
-    header[124:136] = _octal(size, 12)
-    header[136:148] = _octal(0, 12)
-    header[148:156] = b' ' * 8  # checksum is computed with this field as spaces
-    header[156:157] = b'0'
-    header[257:263] = b'ustar\0'
-    header[263:265] = b'00'
+    size_field = _octal(size, 12)
+    header[124:136] = size_field
     header[345:345 + len(prefix)] = prefix
-    header[148:156] = b'%06o\0 ' % sum(header)
+    # Only the name, size and prefix differ from the template: update its checksum by their bytes.
+    check = _TEMPLATE_SUM + sum(raw) + sum(size_field) - sum(_TEMPLATE[124:136]) + sum(prefix)
+    header[148:156] = b'%06o\0 ' % check
     return bytes(header)
 
 
