@@ -57,6 +57,7 @@ class SceneStyle:
     radius: tuple[float, float]  # footprint radius range (sphere radius, box half-width, ...)
     white_background: bool = False  # NMR: no ground, no environment, background exactly 255
     noise_std: float = 2.0  # render noise, standard deviation in levels of 255 (0: none)
+    textured: bool = True  # ground tiles, object waves, clouds and skyline (False: plain colours)
 
 
 # Noise levels are chosen so that the PNG sizes resemble the real datasets' (measured, mean per
@@ -72,6 +73,10 @@ STYLES = {
     # NMR (ShapeNet renders): 1-3 objects centred at the origin, white background.
     'nmr': SceneStyle(num_objects=(1, 3), extent=0.5, radius=(0.15, 0.3),
                       white_background=True, noise_std=1.5),
+    # The CPU demo: few large plain objects on a plain ground under a plain sky, so that a small
+    # SRT learns them within minutes (MSN layout at 64x64, format 'msn-demo').
+    'demo': SceneStyle(num_objects=(2, 4), extent=2.2, radius=(0.7, 1.1), noise_std=0.0,
+                       textured=False),
 }
 
 
@@ -471,6 +476,8 @@ def _tile_hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
 def ground_albedo(scene: Scene, xy: np.ndarray) -> np.ndarray:
     """Ground colour [r, 3] at world points xy [r, 2]: tiles of varying brightness, dark grout
     lines, fine-grain waves, fading to ``far_color`` beyond radius 6 (a function of x, y only)."""
+    if not STYLES[scene.style].textured:
+        return np.broadcast_to(scene.ground_color, (len(xy), 3))
     u = xy / scene.tile_size
     iu = np.floor(u)
     fu = u - iu
@@ -488,6 +495,8 @@ def ground_albedo(scene: Scene, xy: np.ndarray) -> np.ndarray:
 def object_albedo(scene: Scene, i: int, points: np.ndarray) -> np.ndarray:
     """Colour [r, 3] of object i at surface points [r, 3]: its colour with a mild (+-12%) texture
     of three waves in object-local coordinates."""
+    if not STYLES[scene.style].textured:
+        return np.broadcast_to(scene.color[i], (len(points), 3))
     q = _to_local(scene, i, points)
     waves = np.sin(_rows_times(q, scene.tex_k[i]) + scene.tex_phase[i])  # [r, 3]
     pattern = 0.5 * waves[:, 0] + 0.3 * waves[:, 1] * waves[:, 2]
@@ -502,6 +511,8 @@ def environment(scene: Scene, directions: np.ndarray) -> np.ndarray:
     el = np.arcsin(z)
     sky = scene.horizon_color + (scene.zenith_color - scene.horizon_color) * (
         np.clip(el / 0.8, 0.0, 1.0) ** 0.7)[:, None]
+    if not STYLES[scene.style].textured:
+        return sky
     clouds = _mean_rows(np.sin(_rows_times(d, scene.cloud_k) + scene.cloud_phase))
     cover = np.clip((clouds - 0.05) * 4.0, 0.0, 1.0) * np.clip(el * 5.0, 0.0, 1.0)
     sky = sky + (0.95 - sky) * (0.8 * cover)[:, None]

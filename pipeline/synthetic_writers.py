@@ -63,7 +63,7 @@ from PIL import Image
 from pipeline import cameras as C
 from pipeline import synthetic as S
 
-FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn')
+FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo')
 SYNTHETIC_MARKER = 'srt_shards_synthetic.json'  # pipeline.card recognises generated sources by it
 
 NMR_VIEWS, NMR_SIZE = 24, 64
@@ -80,7 +80,10 @@ MSN_VIEWS, MSN_SIZE = 10, 128
 MSN_NAME, MSN_VERSION = 'multi_shapenet_frames', '2.3.3'
 MSN_SCENE_OFFSET = {'train': 0, 'val': 400000, 'test': 500000}
 
-_STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn'}
+_STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn',
+          'msn-demo': 'demo'}
+# 'msn-demo': the MSN layout at a CPU-friendly size with the plain 'demo' scene style.
+_MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 64}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
 
 
@@ -113,7 +116,7 @@ def default_split_sizes(fmt: str, num_scenes: int) -> dict[str, int]:
     _check_format(fmt)
     if num_scenes < 0:
         raise ValueError(f'num_scenes must be >= 0, got {num_scenes}')
-    if fmt == 'msn':
+    if fmt in ('msn', 'msn-demo'):
         m = math.ceil(num_scenes / 10) if num_scenes >= 2 else 0
         return {'train': num_scenes - m, 'test': m}
     m = math.ceil(num_scenes / 10) if num_scenes >= 3 else 0
@@ -141,7 +144,10 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int) -> dict[str, np.n
         cams = [C.obsurf_to_opencv(p.astype(np.float64), OBSURF_HEIGHT, OBSURF_WIDTH) for p in pos]
         return {'K': np.stack([c[0] for c in cams]),
                 'world_from_cam': np.stack([c[1] for c in cams]), 'camera_pos': pos}
-    K, poses = S.msn_cameras(rng, MSN_VIEWS, MSN_SIZE, MSN_SIZE)
+    size = _MSN_SIZES[fmt]
+    # The demo's cameras are closer, so that its few objects fill more of the small images.
+    distance = (6.5, 8.5) if fmt == 'msn-demo' else (9.0, 13.0)
+    K, poses = S.msn_cameras(rng, MSN_VIEWS, size, size, distance=distance)
     Rt = [C.opencv_to_sunds(p) for p in poses]
     R = np.stack([r for r, _ in Rt]).astype(np.float32)
     t = np.stack([t for _, t in Rt]).astype(np.float32)
@@ -157,8 +163,8 @@ def render_scene(fmt: str, seed: int, split: str, index: int, *, noise: bool = T
     'object_id', 'category' [v, h, w]. ``noise=False`` renders without the per-pixel noise."""
     cams = scene_cameras(fmt, seed, split, index)
     scene = S.sample_scene(_STYLE[fmt], seed, split, index)
-    h, w = {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE)}.get(
-        fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
+    h, w = {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE),
+            'msn-demo': (_MSN_SIZES['msn-demo'],) * 2}.get(fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
     views = S.render_views(scene, cams['K'], cams['world_from_cam'], h, w, noise=noise, seed=seed,
                            split=split, index=index)
     return {'scene': scene, **cams, **views}
@@ -179,10 +185,10 @@ def _render_task(task: tuple[str, int, str, int]) -> dict:
     if fmt == 'nmr':
         return {'class_id': list(NMR_CLASSES)[int(scene.kind[0])],
                 'pngs': [png_bytes(im) for im in r['rgb']], 'nmr': r['nmr']}
-    if fmt == 'msn':
+    if fmt in ('msn', 'msn-demo'):
         return {'pngs': [png_bytes(im) for im in r['rgb']],
                 'category_pngs': [png_bytes(c) for c in r['category']],  # 1-channel PNG
-                'K32': r['K32'], 'R': r['R'], 't': r['t']}
+                'K32': r['K32'], 'R': r['R'], 't': r['t'], 'size': r['rgb'].shape[1]}
     alpha = np.full(r['rgb'].shape[1:3] + (1,), 255, dtype=np.uint8)
     return {'pngs': [png_bytes(np.concatenate([im, alpha], axis=-1)) for im in r['rgb']],
             'camera_pos': r['camera_pos'], 'objects': _object_fields(scene)}
@@ -411,8 +417,8 @@ def _msn_example(name: str, r: dict) -> dict:
         cams[f'camera_{i}'] = {
             'category_image': r['category_pngs'][i], 'color_image': r['pngs'][i],
             'extrinsics': {'R': r['R'][i], 't': r['t'][i]},
-            'intrinsics': {'K': r['K32'][i], 'image_height': np.int32(MSN_SIZE),
-                           'image_width': np.int32(MSN_SIZE), 'type': 'PERSPECTIVE',
+            'intrinsics': {'K': r['K32'][i], 'image_height': np.int32(r['size']),
+                           'image_width': np.int32(r['size']), 'type': 'PERSPECTIVE',
                            'distortion': {'radial': np.zeros(3, np.float32),
                                           'tangential': np.zeros(2, np.float32)}}}
     return {'cameras': cams, 'frame_name': name, 'scene_name': name,
@@ -420,6 +426,7 @@ def _msn_example(name: str, r: dict) -> dict:
 
 
 def write_msn(out_dir, num_scenes: int, seed: int = 0, *, split_sizes: dict[str, int] | None = None,
+              variant: str = 'msn',
               scenes_per_file: int = 256, workers: int | None = None,
               progress: Callable[[int], None] | None = None) -> WriteResult:
     """Write ``num_scenes`` MSN-format scenes as the TFDS dataset ``out_dir/multi_shapenet_frames/
@@ -428,8 +435,10 @@ def write_msn(out_dir, num_scenes: int, seed: int = 0, *, split_sizes: dict[str,
     ``sunds.builder('multi_shapenet', data_dir=result.root)``."""
     if scenes_per_file < 1:
         raise ValueError(f'scenes_per_file must be >= 1, got {scenes_per_file}')
-    sizes = _resolve_splits('msn', num_scenes, split_sizes)
-    tasks = _tasks('msn', seed, sizes)
+    if variant not in _MSN_SIZES:
+        raise ValueError(f'MSN variant must be one of {sorted(_MSN_SIZES)}, got {variant!r}')
+    sizes = _resolve_splits(variant, num_scenes, split_sizes)
+    tasks = _tasks(variant, seed, sizes)
     os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # TensorFlow must not take a GPU
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import tensorflow as tf
@@ -438,7 +447,7 @@ def write_msn(out_dir, num_scenes: int, seed: int = 0, *, split_sizes: dict[str,
     root = pathlib.Path(out_dir)
     ds_dir = root / MSN_NAME / MSN_VERSION
     ds_dir.mkdir(parents=True, exist_ok=True)
-    features = msn_features()
+    features = msn_features(height=_MSN_SIZES[variant], width=_MSN_SIZES[variant])
     features.save_config(str(ds_dir))  # features.json
     features.save_metadata(str(ds_dir))  # cameras-camera_<i>-category_image.labels.txt
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
@@ -473,8 +482,8 @@ def write_msn(out_dir, num_scenes: int, seed: int = 0, *, split_sizes: dict[str,
     info = {'fileFormat': 'tfrecord', 'moduleName': '__main__', 'name': MSN_NAME,
             'splits': split_infos, 'version': MSN_VERSION}
     (ds_dir / 'dataset_info.json').write_text(json.dumps(info, indent=2))
-    _write_marker(root, 'msn', seed, scenes)
-    return WriteResult('msn', root, ds_dir, scenes, num_images, image_bytes)
+    _write_marker(root, variant, seed, scenes)
+    return WriteResult(variant, root, ds_dir, scenes, num_images, image_bytes)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -486,8 +495,8 @@ def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs)
     _check_format(fmt)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
-    if fmt == 'msn':
-        return write_msn(out_dir, num_scenes, seed, **kwargs)
+    if fmt in ('msn', 'msn-demo'):
+        return write_msn(out_dir, num_scenes, seed, variant=fmt, **kwargs)
     return write_obsurf(out_dir, num_scenes, seed, variant='clevr3d' if fmt == 'obsurf' else 'msn',
                         **kwargs)
 

@@ -156,12 +156,18 @@ def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], target
         flat = rng.choice(num_pixels, cfg.num_points, replace=num_pixels < cfg.num_points)
     t_view, rem = np.divmod(flat, h * w)
     rows, cols = np.divmod(rem, w)
-    target_images = np.stack([scene.image(v) for v in targets])  # [t, h, w, 3]
+    if cfg.full_scale:
+        target_pixels = np.concatenate([scene.image(v).reshape(-1, 3) for v in targets])
+    else:  # gather per view: no copy of whole target images
+        target_pixels = np.empty((len(flat), 3), np.uint8)
+        for i, v in enumerate(targets):
+            sel = t_view == i
+            target_pixels[sel] = scene.image(v)[rows[sel], cols[sel]]
     item = {
         'input_images': input_images,  # [k, h', w', 3] uint8
         'input_M': M[:k].astype(np.float32),  # [k, 3, 3]
         'input_pos': pos[:k].astype(np.float32),  # [k, 3]
-        'target_pixels': target_images[t_view, rows, cols],  # [p, 3] uint8
+        'target_pixels': target_pixels,  # [p, 3] uint8
         'target_uv': np.stack([cols, rows], -1).astype(np.int16),  # [p, 2] (u, v)
         'target_view': t_view.astype(np.int16),  # [p] index into the target cameras
         'target_M': M[k:].astype(np.float32),  # [t, 3, 3]

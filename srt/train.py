@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--deterministic', action='store_true', default=None,
                    help='deterministic torch algorithms (for exact-resume checks)')
     p.add_argument('--exit-after', type=int, help='exit after this many iterations of this run')
+    p.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this much '
+                   'training time in this run')
     p.add_argument('--evalnow', action='store_true', help='evaluate before the first step')
     p.add_argument('--visnow', action='store_true', help='visualise before the first step')
     p.add_argument('--test', action='store_true', help='evaluate on the test split instead of val')
@@ -329,6 +331,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=max_it, initial=it, desc='train', unit='it', disable=not master,
                dynamic_ncols=True)
     seen_keys: list[str] = []
+    t_start, out_of_time = time.perf_counter(), False
     t_log, scenes_since_log, loss_acc, acc_steps = time.perf_counter(), 0, None, 0
     while True:
         # Interval work happens at the top of an iteration, with `it` steps done (the reference's
@@ -356,7 +359,7 @@ def main(argv=None) -> int:
                     best = metric
                     save_checkpoint(os.path.join(out_dir, 'model_best.pt'), checkpoint_payload())
         args.evalnow = args.visnow = False
-        if it >= max_it:
+        if it >= max_it or out_of_time:
             break
 
         lr = get_lr(it, tc.lr, tc.lr_warmup, tc.decay_it, tc.lr_decay)
@@ -396,7 +399,14 @@ def main(argv=None) -> int:
         scenes_since_log += tc.batch_size
         bar.update(1)
 
-        if it % tc.print_every == 0 or it == max_it:
+        if args.max_minutes is not None and it % tc.print_every == 0:
+            # rank 0 decides, so that all ranks stop at the same iteration
+            flag = torch.tensor(float(time.perf_counter() - t_start > 60 * args.max_minutes),
+                                device=device if cuda else 'cpu')
+            if world > 1:
+                dist.broadcast(flag, 0)
+            out_of_time = bool(flag)
+        if it % tc.print_every == 0 or it == max_it or out_of_time:
             steps, acc_steps = acc_steps, 0
             avg = torch.stack([v for v in loss_acc.values()]) / (steps * tc.grad_accum)
             if world > 1:

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
         description='Render synthetic scenes and write them in a real dataset format.')
     parser.add_argument('--format', required=True, choices=FORMATS,
                         help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
-                             'obsurf-msn: ObSuRF MultiShapeNet')
+                             'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
+                             '64x64 with plain scenes (the CPU demo)')
     parser.add_argument('--out', required=True, help='output directory (created if missing)')
     parser.add_argument('--scenes', required=True, type=int,
                         help='number of scenes over all splits (80/10/10 train/val/test; MSN: '
