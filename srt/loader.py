@@ -31,11 +31,20 @@ from srt.data import (DataConfig, SceneSource, choose_views, collate, items_per_
 STATE_VERSION = 1
 
 
-def shard_table(directory: str, split: str) -> list[tuple[str, int]]:
-    """[(shard path, scenes)] of a converted split, from its manifest."""
+def shard_table(directory: str, split: str, url_template: str | None = None
+                ) -> list[tuple[str, int]]:
+    """[(shard URL, scenes)] of a converted split, from its manifest in ``directory``.
+
+    ``url_template`` streams the shards from elsewhere, e.g. object storage, with ``{name}`` for the
+    shard's file name: ``'pipe:aws s3 cp s3://bucket/msn/{name} -'`` (only the manifests need to be
+    local).
+    """
     import os
     manifest = read_manifest(directory, split)
-    return [(os.path.join(directory, s['name']), s['scenes']) for s in manifest['shards']]
+    if url_template is not None and '{name}' not in url_template:
+        raise ValueError(f'shard URL template {url_template!r} has no {{name}}')
+    return [(url_template.format(name=s['name']) if url_template else
+             os.path.join(directory, s['name']), s['scenes']) for s in manifest['shards']]
 
 
 def _worker() -> tuple[int, int]:

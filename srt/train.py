@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='reference config to start from when no --config is given')
     p.add_argument('--out', help='run directory (default: the directory of --config, else '
                    'runs/<dataset>_<model>)')
+    p.add_argument('--shard-url', help="stream the shards from this URL template instead of "
+                   "--shards, e.g. 'pipe:aws s3 cp s3://bucket/msn/{name} -' (--shards then only "
+                   "needs the manifests)")
     p.add_argument('--init', help='start from the weights of this checkpoint (ours or the '
                    "reference's) when the run directory has none")
     g = p.add_argument_group('overrides of the config')
@@ -279,14 +282,14 @@ def main(argv=None) -> int:
                 print(f'{pname:80}{str(list(param.shape)):24}{param.numel():12,}')
 
     # ---------------------------------------------------------------- streams
-    train_shards = shard_table(args.shards, 'train')
+    train_shards = shard_table(args.shards, 'train', args.shard_url)
     stream_state = StreamState(seed, world, tc.num_workers, micro, data_state)
     train_stream = TrainStream(cfg.data, train_shards, micro, seed=seed, rank=rank,
                                world_size=world, shards_per_visit=tc.shards_per_visit,
                                item_buffer=tc.item_buffer, state=data_state)
     batches_per_epoch = max(1, train_stream.batches_per_epoch(num_views) // tc.grad_accum)
     train_iter = iter(loader(train_stream, tc.num_workers, pin_memory=cuda))
-    eval_shards = shard_table(args.shards, eval_split)
+    eval_shards = shard_table(args.shards, eval_split, args.shard_url)
     eval_bs = tc.eval_batch_size or max(1, per_rank // 8)
     eval_stream = EvalStream(cfg.data, eval_shards, eval_bs, rank=rank, world_size=world,
                              max_scenes=tc.max_eval, seed=seed, skip_bad=args.skip_bad)

@@ -160,3 +160,14 @@ def test_generic_scene_stream_directory_braces_pipe_and_views(seven_shards):
                                      batch_size=None, num_workers=2, collate_fn=lambda s: s)
     keys = [s.key for s in dl]
     assert sorted(keys) == sorted(s.key for s in scenes)
+
+
+def test_shards_stream_through_a_url_template(seven_shards):
+    import os
+    directory = os.path.dirname(seven_shards[3][0])
+    table = shard_table(directory, 'train', f'pipe:cat {directory}/{{name}}')
+    assert table[0][0] == f'pipe:cat {directory}/train-000000.tar'
+    batches = take(iter(TrainStream(CFG, table, 2, shards_per_visit=2)), 3)
+    assert batches[0]['target_pixels'].shape == (2, 64, 3)
+    with pytest.raises(ValueError, match='no {name}'):
+        shard_table(directory, 'train', 'pipe:cat x')
