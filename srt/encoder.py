@@ -98,6 +98,7 @@ class _PatchTransformerEncoder(nn.Module):
             raise ValueError(f'num_conv_blocks must be >= 1, got {num_conv_blocks}')
         # Skip convolving the constant camera-position planes (exact, see the module docstring).
         self.fold_camera_code = fold_camera_code
+        self.channels_last = True  # memory format of the CNN's activations (a speed option only)
         self.ray_encoder = RayEncoder(pos_octaves=15, pos_start_octave=pos_start_octave, ray_octaves=15)
         in_dim = 3 + self.ray_encoder.out_dim  # 183: RGB, position code (90), direction code (90)
         blocks = [SRTConvBlock(idim=in_dim, hdim=96)]
@@ -124,15 +125,23 @@ class _PatchTransformerEncoder(nn.Module):
         if self.fold_camera_code:
             # [b, h, w, 93] channels-last: RGB and direction code; the position code is folded.
             x = torch.cat((images.permute(0, 2, 3, 1), dir_code), dim=-1).permute(0, 3, 1, 2)
-            x = self.conv_blocks[0].forward_constant_channels(x, pos_code, const_start=3)
+            x = self.conv_blocks[0].forward_constant_channels(x.contiguous(memory_format=self._format()),
+                                                              pos_code, const_start=3)
         else:  # the reference's way: all 183 planes through the first convolution
             b, h, w, _ = rays.shape
             pos_planes = pos_code[:, :, None, None].expand(b, pos_code.shape[1], h, w)
-            x = torch.cat((images, pos_planes, dir_code.permute(0, 3, 1, 2)), dim=1).contiguous()
-            x = self.conv_blocks[0](x)
+            x = torch.cat((images, pos_planes, dir_code.permute(0, 3, 1, 2)), dim=1)
+            x = self.conv_blocks[0](x.contiguous(memory_format=self._format()))
         for block in self.conv_blocks[1:]:
             x = block(x)
         return self.per_patch_linear(x)
+
+    def _format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def add_pixel_embedding(self, x: Tensor) -> Tensor:
+        """Hook on the feature grid [b * v, 768, h', w'] (nothing here)."""
+        return x
 
     def add_embeddings(self, x: Tensor) -> Tensor:
         """Hook on the patch tokens [b, v, n_view, 768] (nothing here)."""
@@ -153,10 +162,6 @@ class _PatchTransformerEncoder(nn.Module):
         x = x.flatten(2, 3).transpose(1, 2)  # [b * v, n_view, 768]
         x = self.add_embeddings(x.unflatten(0, (b, v)))  # [b, v, n_view, 768]
         return self.transformer(x.flatten(1, 2))
-
-    def add_pixel_embedding(self, x: Tensor) -> Tensor:
-        """Hook on the feature grid [b * v, 768, h', w'] (nothing here)."""
-        return x
 
 
 class SRTEncoder(_PatchTransformerEncoder):

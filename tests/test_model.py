@@ -214,8 +214,9 @@ def test_folded_and_reference_encoders_agree():
     with torch.no_grad():
         folded = model.encoder(*args)
         model.encoder.fold_camera_code = False
+        model.encoder.channels_last = False  # the reference's layout too
         plain = model.encoder(*args)
-        model.encoder.fold_camera_code = True
+        model.encoder.fold_camera_code = model.encoder.channels_last = True
     assert (folded - plain).abs().max().item() <= 1e-4
 
 
