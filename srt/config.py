@@ -101,6 +101,8 @@ class RunConfig:
         kwargs = {'canonical_view': d.canonical_view, 'max_objects': d.max_objects}
         if d.downsample is not None:
             kwargs['downsample'] = d.downsample
+        if d.num_input_views != 5:
+            kwargs['num_input_views'] = d.num_input_views
         return {'data': {'dataset': d.dataset, 'num_points': d.num_points, 'kwargs': kwargs},
                 'model': self.model.to_dict(), 'training': dataclasses.asdict(self.training)}
 

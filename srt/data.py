@@ -9,6 +9,7 @@ An *item* is one model input: k input views and target rays. Per dataset (see RE
   with more than ``max_objects`` objects are dropped.
 - ``msn``: 5 input views drawn at random without replacement (their order matters: the first is
   canonical), the targets are the other views in increasing order; one item per scene.
+  (``num_input_views`` and ``downsample`` for MSN are our additions, for small CPU configs.)
 
 Targets are ``num_points`` pixels drawn uniformly without replacement from all target pixels (with
 replacement only when there are fewer), or every pixel in row-major order per target view
@@ -42,21 +43,24 @@ class DataConfig:
     dataset: str  # nmr | clevr3d | obsurf_msn | msn
     num_points: int = 2048  # target rays per item (the reference's default)
     canonical_view: bool = True  # express everything in the first input view's canonical frame
-    downsample: int | None = None  # ObSuRF: keep every 2^d-th input pixel (clevr3d/srt uses 1)
+    downsample: int | None = None  # keep every 2^d-th input pixel (clevr3d/srt uses 1; the
+    # reference has it for ObSuRF only, ours applies it to any dataset)
     max_objects: int = 6  # ObSuRF: drop scenes with more objects
     full_scale: bool = False  # targets: every pixel instead of num_points samples
+    num_input_views: int = NUM_MSN_INPUT_VIEWS  # MSN: input views per scene (the reference's 5; ours to change)
 
     def __post_init__(self):
         if self.dataset not in ('nmr', 'clevr3d', 'obsurf_msn', 'msn'):
             raise ValueError(f'data.dataset {self.dataset!r} is not one of nmr, clevr3d, '
                              'obsurf_msn, msn')
-        if self.downsample is not None and self.dataset not in ('clevr3d', 'obsurf_msn'):
-            raise ValueError('data.kwargs.downsample applies to clevr3d/obsurf_msn only')
+        if self.num_input_views != 5 and self.dataset != 'msn':
+            raise ValueError('data.kwargs.num_input_views applies to msn only (the others have '
+                             'one input view)')
 
     @classmethod
     def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
         kwargs = dict(data.get('kwargs') or {})
-        known = {'canonical_view', 'downsample', 'max_objects'}
+        known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views'}
         unknown = set(kwargs) - known
         if unknown:
             raise ValueError(f'data.kwargs has unknown keys {sorted(unknown)} (known: {sorted(known)})')
@@ -122,7 +126,7 @@ def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Gene
                  ) -> tuple[list[int], list[int]]:
     """(input views, target views) of a scene's ``item``-th item, as the reference chooses them."""
     if cfg.dataset == 'msn':
-        inputs = [int(v) for v in rng.choice(num_views, NUM_MSN_INPUT_VIEWS, replace=False)]
+        inputs = [int(v) for v in rng.choice(num_views, cfg.num_input_views, replace=False)]
         return inputs, sorted(set(range(num_views)) - set(inputs))
     if cfg.dataset == 'nmr':
         return [item], [v for v in range(num_views) if v != item]
@@ -146,7 +150,7 @@ def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], target
     M = T[:3, :3] @ scene.c2w[views, :3, :3] @ np.linalg.inv(scene.K[views])  # [n, 3, 3]
     pos = scene.c2w[views, :3, 3] @ T[:3, :3].T + T[:3, 3]  # [n, 3]
     k, h, w = len(inputs), scene.height, scene.width
-    step = 2 ** cfg.downsample if cfg.obsurf and cfg.downsample else 1
+    step = 2 ** cfg.downsample if cfg.downsample else 1
     start = step // 2
     input_images = np.stack([scene.image(v)[start::step, start::step] for v in inputs])
     num_pixels = len(targets) * h * w

@@ -87,3 +87,16 @@ def test_clevr_downsample_takes_every_second_pixel_from_one(shards):
     torch.testing.assert_close(half['input_images'], full['input_images'][..., 1::2, 1::2])
     torch.testing.assert_close(half['input_rays'], full['input_rays'][:, :, 1::2, 1::2],
                                atol=1e-6, rtol=0)
+
+
+def test_msn_input_view_count_and_downsample_are_configurable(shards):
+    cfg = DataConfig.from_yaml({'dataset': 'msn', 'num_points': 16,
+                                'kwargs': {'num_input_views': 3, 'downsample': 1}})
+    scene = SceneSource(SceneIndex(str(shards / 'msn'), 'train').read_sample('msn_train_scene_8'))
+    from srt.data import choose_views
+    inputs, targets = choose_views(cfg, 10, 0, np.random.default_rng(0))
+    assert len(inputs) == 3 and sorted(inputs + targets) == list(range(10))
+    batch = to_model_inputs(collate([make_item(cfg, scene, inputs, targets, np.random.default_rng(0))]))
+    assert batch['input_images'].shape == (1, 3, 3, 64, 64)
+    with pytest.raises(ValueError, match='msn only'):
+        DataConfig('nmr', num_input_views=2)
