@@ -45,9 +45,11 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = 'cpu') ->
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path and the reason
-        raise CheckpointError(f'cannot load checkpoint {os.fspath(path)!r} with weights_only=True: {exc}') from exc
+        raise CheckpointError(f'cannot load checkpoint {os.fspath(path)!r} with weights_only=True: '
+                              f'{exc}') from exc
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f'checkpoint {os.fspath(path)!r} holds a {type(ckpt).__name__}, expected a dict')
+        raise CheckpointError(f'checkpoint {os.fspath(path)!r} holds a {type(ckpt).__name__}, '
+                              'expected a dict')
     if not all(part in ckpt for part in PARTS):
         flat = strip_wrapper_prefixes(ckpt) if all(isinstance(v, Tensor) for v in ckpt.values()) else {}
         if flat and all(any(k.startswith(part + '.') for k in flat) for part in PARTS):
@@ -101,7 +103,8 @@ def _mismatch_report(module: nn.Module, state_dict: Mapping[str, Tensor], limit:
     shapes = sorted(f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
                     for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
     lines = []
-    for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+    for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                         ('shape mismatches', shapes)):
         if items:
             more = f' ... and {len(items) - limit} more' if len(items) > limit else ''
             lines.append(f'  {title} ({len(items)}): {", ".join(items[:limit])}{more}')

@@ -31,7 +31,7 @@ class RayPredictor(nn.Module):
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, out_dims: int = 3,
                  z_dim: int = LATENT_DIM, input_mlp: bool = False, output_mlp: bool = True,
-                 attention: AttentionImpl = 'sdpa', checkpointing: bool = False) -> None:
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
         super().__init__()
         self.query_encoder = RayEncoder(pos_octaves=15, pos_start_octave=pos_start_octave, ray_octaves=15)
         dim = self.query_encoder.out_dim  # 180
@@ -57,7 +57,7 @@ class RayPredictor(nn.Module):
 class SRTDecoder(nn.Module):
     """The SRT light-field decoder (``decoder: lightfield``): RayPredictor with a sigmoid on the colour."""
 
-    def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, attention: AttentionImpl = 'sdpa',
+    def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, attention: AttentionImpl = 'auto',
                  checkpointing: bool = False) -> None:
         super().__init__()
         self.ray_predictor = RayPredictor(num_att_blocks, pos_start_octave, out_dims=3, z_dim=LATENT_DIM,
@@ -72,7 +72,7 @@ class ImprovedSRTDecoder(nn.Module):
     """The improved SRT decoder (``decoder: isrt``, OSRT appendix A.4): input MLP on the query, the
     cross-attention layers, then a 4-hidden-layer 1536-wide ReLU render MLP to RGB (no sigmoid)."""
 
-    def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, attention: AttentionImpl = 'sdpa',
+    def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, attention: AttentionImpl = 'auto',
                  checkpointing: bool = False) -> None:
         super().__init__()
         self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=LATENT_DIM,
@@ -94,7 +94,7 @@ class NerfNet(nn.Module):
     cross-attends into the latents (kv width 768), then density and colour heads."""
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, z_dim: int = LATENT_DIM,
-                 attention: AttentionImpl = 'sdpa', checkpointing: bool = False) -> None:
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
         super().__init__()
         self.pos_encoder = PositionalEncoding(num_octaves=15, start_octave=pos_start_octave)
         dim = self.pos_encoder.out_dim  # 90
@@ -126,7 +126,7 @@ class NerfDecoder(nn.Module):
     """
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, use_fine_net: bool = False,
-                 attention: AttentionImpl = 'sdpa', checkpointing: bool = False) -> None:
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
         super().__init__()
         kwargs = dict(num_att_blocks=num_att_blocks, pos_start_octave=pos_start_octave, attention=attention,
                       checkpointing=checkpointing)

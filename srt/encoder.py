@@ -91,7 +91,7 @@ class _PatchTransformerEncoder(nn.Module):
     """Shared trunk: ray code + CNN per view -> patch tokens -> (subclass hook) -> transformer."""
 
     def __init__(self, num_conv_blocks: int, num_att_blocks: int, pos_start_octave: int,
-                 attention: AttentionImpl = 'sdpa', checkpointing: bool = False,
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False,
                  fold_camera_code: bool = True) -> None:
         super().__init__()
         if num_conv_blocks < 1:
@@ -170,7 +170,7 @@ class SRTEncoder(_PatchTransformerEncoder):
     transformer layers."""
 
     def __init__(self, num_conv_blocks: int = 4, num_att_blocks: int = 10, pos_start_octave: int = 0,
-                 scale_embeddings: bool = False, attention: AttentionImpl = 'sdpa',
+                 scale_embeddings: bool = False, attention: AttentionImpl = 'auto',
                  checkpointing: bool = False, fold_camera_code: bool = True) -> None:
         super().__init__(num_conv_blocks, num_att_blocks, pos_start_octave, attention, checkpointing,
                          fold_camera_code)
@@ -200,7 +200,7 @@ class ImprovedSRTEncoder(_PatchTransformerEncoder):
     5 transformer layers."""
 
     def __init__(self, num_conv_blocks: int = 3, num_att_blocks: int = 5, pos_start_octave: int = 0,
-                 attention: AttentionImpl = 'sdpa', checkpointing: bool = False,
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False,
                  fold_camera_code: bool = True) -> None:
         super().__init__(num_conv_blocks, num_att_blocks, pos_start_octave, attention, checkpointing,
                          fold_camera_code)

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-AttentionImpl = Literal['sdpa', 'explicit']
-ATTENTION_IMPLS = ('sdpa', 'explicit')
+AttentionImpl = Literal['auto', 'sdpa', 'explicit']
+ATTENTION_IMPLS = ('auto', 'sdpa', 'explicit')
+# 'auto' attends explicitly on the CPU up to this many query-key pairs (per head), SDPA above.
+CPU_EXPLICIT_MAX_PAIRS = 2 ** 20
 
 
 def positional_encoding(coords: Tensor, num_octaves: int, start_octave: int = 0) -> Tensor:
@@ -37,8 +39,10 @@ def positional_encoding(coords: Tensor, num_octaves: int, start_octave: int = 0)
     octaves = torch.arange(start_octave, start_octave + num_octaves, device=coords.device,
                            dtype=coords.dtype)
     multipliers = torch.pow(2.0, octaves) * math.pi  # [o]; exact powers of two times pi
-    scaled = (coords.unsqueeze(-1) * multipliers).flatten(-2)  # [..., c * o], coordinate-major
-    return torch.cat((torch.sin(scaled), torch.cos(scaled)), dim=-1)
+    scaled = coords.unsqueeze(-1) * multipliers  # [..., c, o]
+    # [..., 2, c, o] -> [..., 2 * c * o]: sines then cosines, each coordinate-major. (Stacking, rather
+    # than concatenating flattened halves, compiles to a vectorised kernel: 4x faster on the CPU.)
+    return torch.stack((torch.sin(scaled), torch.cos(scaled)), dim=-3).flatten(-3)
 
 
 class PositionalEncoding(nn.Module):
@@ -122,13 +126,18 @@ class FeedForward(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; self-attention (``to_qkv``) or cross-attention (``to_q`` on x, ``to_kv`` on z).
 
-    ``impl`` picks the kernel: ``'sdpa'`` (``F.scaled_dot_product_attention``: fused, never holds the
-    [n_q, n_kv] matrix for backward) or ``'explicit'`` (softmax(q k^T / sqrt(d)) v, the reference's way).
-    Both compute the same function.
+    ``impl`` picks the kernel; all compute the same function:
+
+    - ``'sdpa'``: ``F.scaled_dot_product_attention`` (fused; never holds the [n_q, n_kv] matrix).
+    - ``'explicit'``: ``softmax(q k^T / sqrt(d_head)) v`` with two matmuls and the softmax in fp32;
+      for fp32 inputs exactly the reference's computation.
+    - ``'auto'``: ``'sdpa'``, except on the CPU for short attention (n_q * n_kv <= 2**20, e.g. the
+      encoder's 320 tokens), where PyTorch's CPU flash-attention kernels are up to 2x slower than the
+      explicit form. (The fp32 softmax also keeps torch.compile from rewriting it into SDPA.)
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
-                 selfatt: bool = True, kv_dim: Optional[int] = None, impl: AttentionImpl = 'sdpa') -> None:
+                 selfatt: bool = True, kv_dim: Optional[int] = None, impl: AttentionImpl = 'auto') -> None:
         super().__init__()
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
@@ -160,11 +169,16 @@ class Attention(nn.Module):
             q = self.to_q(x)
             k, v = self.to_kv(z).chunk(2, dim=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-        if self.impl == 'sdpa':
+        impl = self.impl
+        if impl == 'auto':  # static: decided from device and shapes while tracing
+            short = q.shape[-2] * k.shape[-2] <= CPU_EXPLICIT_MAX_PAIRS
+            impl = 'explicit' if q.device.type == 'cpu' and short else 'sdpa'
+        if impl == 'sdpa':
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-            out = torch.matmul(attn, v)  # [b, heads, n, d_head]
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [b, heads, n, m]
+            attn = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            out = torch.matmul(attn.to(v.dtype), v)  # [b, heads, n, d_head]
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
@@ -181,7 +195,7 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
                  dropout: float = 0.0, selfatt: bool = True, kv_dim: Optional[int] = None,
-                 impl: AttentionImpl = 'sdpa', checkpointing: bool = False) -> None:
+                 impl: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
         super().__init__()
         self.checkpointing = checkpointing
         self.layers = nn.ModuleList([
@@ -207,7 +221,7 @@ class Transformer(nn.Module):
 
 
 def set_attention_impl(module: nn.Module, impl: AttentionImpl) -> None:
-    """Switch every :class:`Attention` below ``module`` to ``impl`` ('sdpa' or 'explicit')."""
+    """Switch every :class:`Attention` below ``module`` to ``impl`` ('auto', 'sdpa' or 'explicit')."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
     for m in module.modules():

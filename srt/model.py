@@ -40,18 +40,25 @@ class ModelConfig:
     """Which encoder/decoder to build and with which options (the YAML ``model`` section + ours)."""
 
     encoder: str = 'srt'  # 'srt' (SRT, CVPR 2022) or 'isrt' (improved SRT, OSRT appendix)
-    encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. pos_start_octave, num_conv_blocks, num_att_blocks
+    # Encoder options: pos_start_octave, num_conv_blocks, num_att_blocks (srt also scale_embeddings).
+    encoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     decoder: str = 'lightfield'  # 'lightfield', 'isrt' or 'nerf' (volumetric)
-    decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. pos_start_octave, num_att_blocks, use_fine_net
-    attention: str = 'sdpa'  # 'sdpa' (fused kernel) or 'explicit' (softmax(QK^T/sqrt(d))V, the reference's)
+    # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net).
+    decoder_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # 'sdpa' (fused kernel), 'explicit' (softmax(QK^T / sqrt(d)) V, the reference's) or 'auto' (sdpa;
+    # explicit for short attention on the CPU, where it is faster). Same function, same weights.
+    attention: str = 'auto'
     checkpointing: bool = False  # recompute transformer blocks' activations in backward (saves memory)
-    fold_camera_code: bool = True  # skip convolving the constant camera-position planes (exact; False = reference's way)
+    # Skip convolving the constant camera-position planes (exact; False: all 183 planes, the reference's way).
+    fold_camera_code: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
-            raise ValueError(f'model.encoder: unknown encoder {self.encoder!r}; choose one of {sorted(ENCODERS)}')
+            raise ValueError(f'model.encoder: unknown encoder {self.encoder!r}; '
+                             f'choose one of {sorted(ENCODERS)}')
         if self.decoder not in DECODERS:
-            raise ValueError(f'model.decoder: unknown decoder {self.decoder!r}; choose one of {sorted(DECODERS)}')
+            raise ValueError(f'model.decoder: unknown decoder {self.decoder!r}; '
+                             f'choose one of {sorted(DECODERS)}')
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f'model.attention: unknown attention {self.attention!r}; choose one of '
                              f'{list(ATTENTION_IMPLS)}')
@@ -93,7 +100,8 @@ class SRT(nn.Module):
                                                 checkpointing=config.checkpointing)
 
     def forward(self, input_images: Tensor, input_camera_pos: Tensor, input_rays: Tensor,
-                target_camera_pos: Tensor, target_rays: Tensor, **render_kwargs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+                target_camera_pos: Tensor, target_rays: Tensor,
+                **render_kwargs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Encode the input views and render the target rays.
 
         Args:
@@ -107,7 +115,7 @@ class SRT(nn.Module):
         return self.decoder(z, target_camera_pos, target_rays, **render_kwargs)
 
     def set_attention(self, impl: str) -> None:
-        """Switch all attention layers to 'sdpa' or 'explicit' (same weights, same function)."""
+        """Switch all attention layers to 'auto', 'sdpa' or 'explicit' (same weights, same function)."""
         set_attention_impl(self, impl)
         self.config = dataclasses.replace(self.config, attention=impl)
 

@@ -192,6 +192,20 @@ def test_sdpa_matches_explicit_attention(selfatt):
     assert (fused - explicit).abs().max().item() <= 1e-5
 
 
+def test_auto_attention_is_explicit_only_for_short_attention_on_cpu(monkeypatch):
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attn = Attention(64, heads=2, dim_head=32)  # impl 'auto'
+    x = torch.randn(1, 100, 64)
+    auto = attn(x)  # 100 x 100 query-key pairs: explicit
+    assert not calls
+    attn(torch.randn(1, 1100, 64))  # 1100 x 1100 > 2**20: SDPA
+    assert len(calls) == 1
+    attn.impl = 'sdpa'
+    torch.testing.assert_close(attn(x), auto, atol=1e-5, rtol=1e-5)
+
+
 def test_sdpa_matches_explicit_in_the_model():
     model = reference_model('srt')
     data = np.load(TESTVECTORS / 'model' / 'srt_nmr.npz')
@@ -288,8 +302,8 @@ def test_chunked_rendering_matches_one_pass(config):
         rays = batch['input_rays'][:, 0, :5, :7]  # [2, 5, 7, 3]
         pos = batch['input_camera_pos'][:, 0]
         image, extras = render_image(model, z, pos, rays, chunk=4, **kwargs)
-        flat, flat_extras = render_rays(model.decoder, z, pos[:, None].expand(2, 35, 3), rays.reshape(2, 35, 3),
-                                        chunk=1000, **kwargs)
+        flat, flat_extras = render_rays(model.decoder, z, pos[:, None].expand(2, 35, 3),
+                                        rays.reshape(2, 35, 3), chunk=1000, **kwargs)
     assert image.shape == (2, 5, 7, 3)
     torch.testing.assert_close(image.reshape(2, 35, 3), flat, atol=1e-6, rtol=1e-6)
     for key, value in flat_extras.items():

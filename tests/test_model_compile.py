@@ -55,7 +55,8 @@ def test_compiled_volumetric_model_matches_eager():
 
 def test_compiled_random_sampling_and_bf16_autocast():
     torch.manual_seed(0)
-    model = build_model({'encoder_kwargs': TINY_ENCODER, 'decoder': 'nerf', 'decoder_kwargs': {'num_att_blocks': 1}})
+    model = build_model({'encoder_kwargs': TINY_ENCODER, 'decoder': 'nerf',
+                         'decoder_kwargs': {'num_att_blocks': 1}})
     batch = tiny_batch(b=1, v=1, h=8, w=8, r=4)
 
     def forward(batch):

@@ -30,8 +30,9 @@ def test_composite_constant_density_slab():
     out = volume.composite(density, colors, depths)
     rgb = volume.over_white(out.rgb, out.alpha)
     expected_rgb, expected_depth, expected_alpha = slab_expected(sigma, t0, t1, color)
-    # Transmittance is exact up to the 1e-10 added per sample; depth carries the left-endpoint bias (< spacing).
-    torch.testing.assert_close(out.alpha, torch.tensor(expected_alpha, dtype=torch.float64), atol=1e-6, rtol=0)
+    # Transmittance is exact up to the 1e-10 added per sample; depth has the left-endpoint bias (< spacing).
+    torch.testing.assert_close(out.alpha, torch.tensor(expected_alpha, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
     torch.testing.assert_close(rgb, torch.tensor(expected_rgb, dtype=torch.float64), atol=1e-6, rtol=0)
     assert abs(out.depth.item() - expected_depth) < spacing
     assert abs(out.weights.sum().item() - expected_alpha) < 1e-6
@@ -137,7 +138,8 @@ def test_shared_net_reuse_equals_reevaluating_all_samples():
 def test_nerf_decoder_without_hierarchical_samples(num_fine):
     torch.manual_seed(0)
     decoder = NerfDecoder(num_att_blocks=1)
-    pixels, extras = decoder(torch.randn(1, 4, 768), torch.zeros(1, 3, 3), F.normalize(torch.randn(1, 3, 3), dim=-1),
-                             min_dist=0.1, max_dist=2.0, num_coarse_samples=8, num_fine_samples=num_fine)
+    rays = F.normalize(torch.randn(1, 3, 3), dim=-1)
+    pixels, extras = decoder(torch.randn(1, 4, 768), torch.zeros(1, 3, 3), rays, min_dist=0.1, max_dist=2.0,
+                             num_coarse_samples=8, num_fine_samples=num_fine)
     assert pixels.shape == (1, 3, 3) and extras['depth'].shape == (1, 3)
     assert ((pixels >= 0) & (pixels <= 1)).all()

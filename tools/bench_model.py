@@ -4,9 +4,10 @@
 
 All rows start from the same weights and see the same batch; their steps are interleaved round-robin
 (so a slower or busier stretch of the machine hits every row alike); warm-up steps (compilation
-included) are excluded; the table gives the median and fastest step, the ratio of medians to the
-baseline, the achieved GFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), the peak resident
-memory a step adds, and each row's first loss (all rows compute the same model).
+included) are excluded; the table gives the median and fastest step, the ratios of medians and of
+minima to the baseline, the achieved GFLOP/s (FLOPs of the reference computation counted by
+``torch.utils.flop_counter``, over the median), the peak resident memory a step adds, and each row's
+first loss (all rows compute the same model from the same weights).
 
 CPU rows: ``fp32 eager explicit`` (the reference's way: explicit softmax attention, all 183 input planes
 through the first convolution, torch's default Adam; the baseline), ``fp32 eager sdpa`` (ours), ``bf16 eager``
@@ -49,7 +50,7 @@ PEAK_TFLOPS_BF16 = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 
 @dataclasses.dataclass
 class Variant:
     name: str
-    attention: str = 'sdpa'
+    attention: str = 'auto'  # our default: SDPA, explicit for short attention on the CPU
     fold_camera_code: bool = True
     channels_last: bool = True
     bf16: bool = False
@@ -61,7 +62,7 @@ class Variant:
 CPU_VARIANTS = [
     Variant('fp32 eager explicit (reference way)', attention='explicit', fold_camera_code=False,
             channels_last=False, fused_adam=False),
-    Variant('fp32 eager sdpa (ours)'),
+    Variant('fp32 eager (ours)'),
     Variant('bf16 autocast eager (ours)', bf16=True),
     Variant('bf16 autocast + compile (ours, default)', bf16=True, compile=True),
 ]
@@ -74,7 +75,8 @@ GPU_VARIANTS = [
 ]
 
 
-def make_batch(shape: str, device: torch.device, batch: Optional[int] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_batch(shape: str, device: torch.device, batch: Optional[int] = None,
+               seed: int = 0) -> Dict[str, torch.Tensor]:
     """A random batch in the model's input format (unit rays, images in [0, 1])."""
     b, v, size, r = SHAPES[shape]
     b = batch or b
@@ -131,7 +133,8 @@ class PeakRSS:
 class Runner:
     """One row: its own copy of the weights, optimizer and (possibly compiled) loss function."""
 
-    def __init__(self, variant: Variant, base: SRT, batch: Dict[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(self, variant: Variant, base: SRT, batch: Dict[str, torch.Tensor],
+                 device: torch.device) -> None:
         self.variant, self.batch, self.device = variant, batch, device
         self.model = copy.deepcopy(base)
         self.model.set_attention(variant.attention)
@@ -192,18 +195,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_flops(base: SRT, batch: Dict[str, torch.Tensor], device: torch.device) -> int:
+def step_flops(base: SRT, batch: Dict[str, torch.Tensor]) -> int:
     """FLOPs of one forward + backward of the model computed the reference's way (matmuls,
-    convolutions, attention), the nominal work every row does (ours skips some of it)."""
+    convolutions, attention): the nominal work every row does (ours skips some of it). Counted on
+    the meta device, so nothing is computed."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to('meta')
     model.set_attention('explicit')
     model.encoder.fold_camera_code = False
+    meta = {k: v.to('meta') for k, v in batch.items()}
     with FlopCounterMode(display=False) as counter:
-        pixels, _ = model(batch['input_images'], batch['input_camera_pos'], batch['input_rays'],
-                          batch['target_camera_pos'], batch['target_rays'])
-        (pixels - batch['target_pixels']).square().mean().backward()
-    del model
+        pixels, _ = model(meta['input_images'], meta['input_camera_pos'], meta['input_rays'],
+                          meta['target_camera_pos'], meta['target_rays'])
+        (pixels - meta['target_pixels']).square().mean().backward()
     return counter.get_total_flops()
 
 
@@ -216,7 +220,8 @@ def run_rows(variants: List[Variant], base: SRT, batch: Dict[str, torch.Tensor],
         start = time.perf_counter()
         for _ in range(warmup):
             runner.timed_step(record=False)
-        print(f'  warmed up {variant.name}: {warmup} steps in {time.perf_counter() - start:.1f} s', flush=True)
+        print(f'  warmed up {variant.name}: {warmup} steps in {time.perf_counter() - start:.1f} s',
+              flush=True)
         runners.append(runner)
     for _ in range(steps):
         for runner in runners:
@@ -226,14 +231,19 @@ def run_rows(variants: List[Variant], base: SRT, batch: Dict[str, torch.Tensor],
     return runners
 
 
-def print_table(runners: List[Runner], flops: int, extra: Optional[Callable[[Runner], str]] = None) -> None:
-    base_median = statistics.median(runners[0].times)
-    header = f'{"variant":44} {"median s":>9} {"min s":>7} {"vs base":>8} {"GFLOP/s":>8} {"step RSS":>9} {"loss[0]":>9}'
+def print_table(runners: List[Runner], flops: int,
+                extra: Optional[Callable[[Optional[Runner]], str]] = None) -> None:
+    """One line per row; ratios are to the first row (the baseline), of medians and of minima."""
+    base_median, base_min = statistics.median(runners[0].times), min(runners[0].times)
+    header = (f'{"variant":44} {"median s":>9} {"min s":>7} {"ratio":>6} {"ratio":>6} {"GFLOP/s":>8} '
+              f'{"step RSS":>9} {"loss[0]":>9}')
     print(header + ('  ' + extra(None) if extra else ''))
+    print(f'{"":44} {"":>9} {"":>7} {"median":>6} {"min":>6}')
     for r in runners:
-        med = statistics.median(r.times)
-        row = (f'{r.variant.name:44} {med:9.3f} {min(r.times):7.3f} {med / base_median:7.2f}x '
-               f'{flops / med / 1e9:8.1f} {r.step_rss / 2**20:7.0f}MB {r.first_loss:9.5f}')
+        med, fastest = statistics.median(r.times), min(r.times)
+        row = (f'{r.variant.name:44} {med:9.3f} {fastest:7.3f} {med / base_median:5.2f}x '
+               f'{fastest / base_min:5.2f}x {flops / med / 1e9:8.1f} {r.step_rss / 2**20:7.0f}MB '
+               f'{r.first_loss:9.5f}')
         print(row + ('  ' + extra(r) if extra else ''))
 
 
@@ -248,7 +258,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
               f'config srt (pos_start_octave -5); {torch.get_num_threads()} threads')
         print(f'parameters: encoder {count_parameters(base.encoder):,}, decoder '
               f'{count_parameters(base.decoder):,}, total {count_parameters(base):,}')
-        flops = step_flops(base, batch, device)
+        flops = step_flops(base, batch)
         print(f'model FLOPs per step (forward + backward): {flops / 1e9:.1f} G')
         runners = run_rows(CPU_VARIANTS, base, batch, device, args.warmup, args.steps)
         print_table(runners, flops)
@@ -259,6 +269,7 @@ def largest_batch(base: SRT, variant: Variant, device: torch.device, limit: int 
     """The largest MSN batch whose training step runs without running out of GPU memory."""
     def fits(n: int) -> bool:
         runner = None
+        torch._dynamo.reset()  # a fresh compile per probe (else dynamo's recompile limit falls back to eager)
         try:
             runner = Runner(variant, base, make_batch('msn', device, batch=n), device)
             runner.step()
@@ -268,12 +279,13 @@ def largest_batch(base: SRT, variant: Variant, device: torch.device, limit: int 
             return False
         finally:
             del runner
+            gc.collect()
             torch.cuda.empty_cache()
     lo, hi = 0, 1
     while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
-    while hi - lo > 1:
+    while hi - lo > 1:  # lo fits, hi does not
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -292,9 +304,10 @@ def bench_gpu(args: argparse.Namespace) -> None:
         base = SRT(ModelConfig.from_dict(SRT_CONFIG)).to(device)
         batch = make_batch(shape, device, batch=b)
         print(f'\n== GPU {name}: {shape} batch {b}, {v} view(s) {size}x{size}, {r} rays per scene')
-        flops = step_flops(base, batch, device)
+        flops = step_flops(base, batch)
         with torch.no_grad():
-            tokens = base.encoder(batch['input_images'], batch['input_camera_pos'], batch['input_rays']).shape[1]
+            z = base.encoder(batch['input_images'], batch['input_camera_pos'], batch['input_rays'])
+            tokens = z.shape[1]
 
         def extra(runner: Optional[Runner]) -> str:
             if runner is None:
@@ -310,7 +323,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     base = SRT(ModelConfig.from_dict(SRT_CONFIG)).to(device)
     for ckpt in (False, True):
-        variant = Variant(f'bf16 compile{" + act. ckpt" if ckpt else ""}', bf16=True, compile=True,
+        variant = Variant(f'bf16 {"compile" if args.fit_compile else "eager"} sdpa'
+                          f'{" + act. ckpt" if ckpt else ""}', bf16=True, compile=args.fit_compile,
                           checkpointing=ckpt)
         print(f'largest MSN batch, {variant.name}: {largest_batch(base, variant, device)}', flush=True)
 
@@ -323,7 +337,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                    help='auto: the GPU rows when CUDA is available, else the CPU rows')
-    p.add_argument('--gpu-batch', type=int, default=None, help='scenes per GPU step (default: nmr 64, msn 16)')
+    p.add_argument('--gpu-batch', type=int, default=None,
+                   help='scenes per GPU step (default: nmr 64, msn 16)')
+    p.add_argument('--fit-compile', action='store_true',
+                   help='GPU: search the largest batch with the compiled step (one compile per probe; '
+                        'default: eager, which needs a little more memory than compiled)')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
