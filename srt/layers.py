@@ -171,8 +171,8 @@ class Attention(nn.Module):
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         impl = self.impl
         if impl == 'auto':  # static: decided from device and shapes while tracing
-            short = q.shape[-2] * k.shape[-2] <= CPU_EXPLICIT_MAX_PAIRS
-            impl = 'explicit' if q.device.type == 'cpu' and short else 'sdpa'
+            cpu_short = q.device.type == 'cpu' and q.shape[-2] * k.shape[-2] <= CPU_EXPLICIT_MAX_PAIRS
+            impl = 'explicit' if cpu_short else 'sdpa'
         if impl == 'sdpa':
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
