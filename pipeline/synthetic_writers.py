@@ -383,6 +383,8 @@ def msn_features(num_views: int = MSN_VIEWS, height: int = MSN_SIZE, width: int 
                  labels=S.CATEGORY_NAMES):
     """The ``tfds.features.FeaturesDict`` of multi_shapenet_frames 2.3.3 as the test vector
     declares it (imports tensorflow_datasets)."""
+    from pipeline.sources.msn import import_tensorflow
+    import_tensorflow()
     import tensorflow_datasets as tfds
     F = tfds.features
 
@@ -439,9 +441,8 @@ def write_msn(out_dir, num_scenes: int, seed: int = 0, *, split_sizes: dict[str,
         raise ValueError(f'MSN variant must be one of {sorted(_MSN_SIZES)}, got {variant!r}')
     sizes = _resolve_splits(variant, num_scenes, split_sizes)
     tasks = _tasks(variant, seed, sizes)
-    os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # TensorFlow must not take a GPU
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    import tensorflow as tf
+    from pipeline.sources.msn import import_tensorflow
+    tf = import_tensorflow()  # CPU only, loaded safely beside PyTorch
     from tensorflow_datasets.core import example_serializer
 
     root = pathlib.Path(out_dir)

@@ -19,6 +19,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 def read_msn_test_cameras() -> dict:
     """K and world_from_cam [10, ...] of the MSN test-vector scenes, read with plain tfds (independent
     of the project's MSN reader)."""
+    from pipeline.sources.msn import import_tensorflow
+    import_tensorflow()  # before tfds: see its docstring
     import tensorflow_datasets as tfds
     from pipeline import cameras as C
 

@@ -103,6 +103,8 @@ def test_clevr3d_shards_reproduce_reference_rays_and_keep_png_bytes(tmp_path):
 
 
 def test_msn_shards_reproduce_sunds_rays_and_keep_png_bytes(tmp_path):
+    from pipeline.sources.msn import import_tensorflow
+    import_tensorflow()  # before tfds: see its docstring
     import tensorflow_datasets as tfds
     run_convert('msn', SRC / 'msn', tmp_path)
     assert verify(str(tmp_path), progress=False) == []
@@ -134,7 +136,7 @@ def test_msn_shards_reproduce_sunds_rays_and_keep_png_bytes(tmp_path):
 # ----------------------------------------------------------------------------- resumability
 
 def test_sigkill_at_random_points_then_rerun_gives_identical_bytes(tmp_path):
-    src = make_nmr_copies(tmp_path / 'src', 90)
+    src = make_nmr_copies(tmp_path / 'src', 300)
     args = ['--src', src, '--scenes-per-shard', 3]
     cli('convert_nmr.py', *args, '--out', tmp_path / 'clean')
     want = tree_bytes(tmp_path / 'clean')
@@ -142,10 +144,16 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_bytes(tmp_path):
     rng = random.Random(0)
     kills = 0
     for _ in range(4):
+        before = set(os.listdir(out)) if out.exists() else set()
         proc = subprocess.Popen([sys.executable, str(ROOT / 'tools/convert_nmr.py'), *map(str, args),
                                  '--out', str(out), '--no-progress'], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.2))
+        # Kill mid-conversion, not before it starts or after it ends (the start-up time of the
+        # process varies far more than the conversion takes): once this run wrote a new file,
+        # at a random moment within the next few shards.
+        while proc.poll() is None and (set(os.listdir(out)) if out.exists() else set()) <= before:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

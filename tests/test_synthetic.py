@@ -254,6 +254,8 @@ def test_obsurf_split_sizes_are_checked_against_the_ranges(tmp_path):
 # ----------------------------------------------------------------------------- MSN
 
 def test_msn_reads_back_with_tfds(written):
+    from pipeline.sources.msn import import_tensorflow
+    import_tensorflow()  # before tfds: see its docstring
     import tensorflow_datasets as tfds
     result = written['msn']
     ds_dir = result.dataset_dir

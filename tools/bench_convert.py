@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, os.path.join(ROOT, 'tools/make_synthetic.py'), '--format',
                         'msn', '--out', src, '--scenes', str(args.scenes)], check=True)
 
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
+    from pipeline.sources.msn import import_tensorflow
+    tf = import_tensorflow()
     from pipeline import tario
     from pipeline.convert import ConvertConfig, convert
     from pipeline.sources.msn import MSNSource, TFRecordFile, find_dataset_dir

@@ -13,8 +13,10 @@ Cameras: ``pipeline.cameras.sunds_to_opencv`` (scene_from_camera = pose @ invers
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import struct
+import sys
 import zlib
 from typing import Any, Iterator, Sequence
 
@@ -27,14 +29,26 @@ DATASET_NAME = 'multi_shapenet_frames'
 _CAMERA_FIELDS = ('intrinsics', 'extrinsics', 'color_image')
 
 
-def _import_tf():
-    """TensorFlow on CPU only: it would otherwise reserve all GPU memory of the machine."""
+def import_tensorflow():
+    """TensorFlow, on CPU only: it would otherwise reserve all GPU memory of the machine.
+
+    Triton (installed with PyTorch) is loaded first when present: TensorFlow and Triton each bundle
+    LLVM, and a process that loads TensorFlow first crashes with a segmentation fault as soon as
+    Triton loads (which ``torch.optim.Adam`` or ``torch.compile`` do), while the other order works.
+    """
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    if 'tensorflow' not in sys.modules and importlib.util.find_spec('triton') is not None:
+        import triton  # noqa: F401
     import tensorflow as tf
     try:
         tf.config.set_visible_devices([], 'GPU')
     except RuntimeError:  # already initialised by someone else; devices can't change any more
         pass
+    return tf
+
+
+def _import_tf():
+    import_tensorflow()
     import tensorflow_datasets as tfds
     from tensorflow.core.example import example_pb2
     return tfds, example_pb2
