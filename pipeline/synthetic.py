@@ -198,6 +198,10 @@ def _place_nmr_objects(rng, style: SceneStyle, n: int):
     return kinds.astype(np.int64), centers, radii, half_heights, rng.uniform(0, 2 * math.pi, n)
 
 
+def _unless(drawn: float, value: float | None) -> float:
+    return drawn if value is None else value
+
+
 def sample_scene(style: str, seed: int, split: str, index: int) -> Scene:
     """Scene ``index`` of ``split`` in the style ``style`` (a key of STYLES), deterministically."""
     if style not in STYLES:
@@ -222,6 +226,12 @@ def sample_scene(style: str, seed: int, split: str, index: int) -> Scene:
     c, s = math.cos(env_angle), math.sin(env_angle)
     sky_h = rng.uniform(0.52, 0.65)  # blue-ish skies, muted so that objects stand out
     g_h, g_s, g_v = rng.uniform(0.0, 1.0), rng.uniform(0.03, 0.2), rng.uniform(0.45, 0.65)
+    sky_s, far_s, far_v = None, 0.15, 0.75
+    if style == 'demo':  # per-scene colours of ground and sky: what a model sees first
+        demo = np.random.default_rng([seed, _SPLIT_CODE[split], index, STREAM_SCENE, 1])
+        sky_h, sky_s = demo.uniform(0.0, 1.0), demo.uniform(0.25, 0.55)
+        g_s, g_v = demo.uniform(0.3, 0.7), demo.uniform(0.3, 0.7)
+        far_s, far_v = sky_s * 0.5, 0.8
     skyline_freq = rng.choice(np.arange(2, 120), size=24, replace=False)
     sun_az, sun_el = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)
     return Scene(
@@ -231,11 +241,13 @@ def sample_scene(style: str, seed: int, split: str, index: int) -> Scene:
         tile_size=float(rng.uniform(0.6, 1.6)),
         ground_color=np.array(colorsys.hsv_to_rgb(g_h, g_s, g_v)),
         grout_color=np.array(colorsys.hsv_to_rgb(g_h, g_s, g_v * 0.6)),
-        far_color=np.array(colorsys.hsv_to_rgb(sky_h, 0.15, 0.75)),
+        far_color=np.array(colorsys.hsv_to_rgb(sky_h, far_s, far_v)),
         ground_k=ground_k, ground_phase=rng.uniform(0, 2 * math.pi, 8),
         tile_hash=int(rng.integers(1, 2**20)),
         env_from_world=np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]]),
-        zenith_color=np.array(colorsys.hsv_to_rgb(sky_h, rng.uniform(0.35, 0.6), 0.8)),
+        # (the draw stays in place so that the other styles' scenes do not change)
+        zenith_color=np.array(colorsys.hsv_to_rgb(sky_h, _unless(rng.uniform(0.35, 0.6), sky_s),
+                                                  0.8)),
         horizon_color=np.array(colorsys.hsv_to_rgb(sky_h, 0.12, 0.9)),
         cloud_k=cloud_k, cloud_phase=rng.uniform(0, 2 * math.pi, 10),
         skyline_freq=skyline_freq.astype(np.float64),

@@ -79,10 +79,13 @@ class TrainingConfig:
     shards_per_visit: int = 8  # shards a data worker interleaves
     item_buffer: int = 256  # items in a data worker's shuffle buffer
     deterministic: bool = False  # torch deterministic algorithms (tests of exact resume)
+    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/init.py)
 
     def __post_init__(self):
         if self.model_selection_mode not in ('maximize', 'minimize'):
             raise ValueError('training.model_selection_mode must be maximize or minimize')
+        if self.init not in ('he', 'torch'):
+            raise ValueError("training.init must be 'he' or 'torch'")
         if self.precision not in ('auto', 'bf16', 'fp32'):
             raise ValueError('training.precision (--precision) must be auto, bf16 or fp32')
         for name in ('batch_size', 'grad_accum', 'max_it', 'print_every'):
@@ -103,6 +106,8 @@ class RunConfig:
             kwargs['downsample'] = d.downsample
         if d.num_input_views != 5:
             kwargs['num_input_views'] = d.num_input_views
+        if d.train_on_inputs:
+            kwargs['train_on_inputs'] = True
         return {'data': {'dataset': d.dataset, 'num_points': d.num_points, 'kwargs': kwargs},
                 'model': self.model.to_dict(), 'training': dataclasses.asdict(self.training)}
 

@@ -48,6 +48,8 @@ class DataConfig:
     max_objects: int = 6  # ObSuRF: drop scenes with more objects
     full_scale: bool = False  # targets: every pixel instead of num_points samples
     num_input_views: int = NUM_MSN_INPUT_VIEWS  # MSN: input views per scene (the reference's 5; ours to change)
+    train_on_inputs: bool = False  # MSN, training only: the input views are targets too (ours;
+    # evaluation always scores the other views)
 
     def __post_init__(self):
         if self.dataset not in ('nmr', 'clevr3d', 'obsurf_msn', 'msn'):
@@ -60,7 +62,7 @@ class DataConfig:
     @classmethod
     def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
         kwargs = dict(data.get('kwargs') or {})
-        known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views'}
+        known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views', 'train_on_inputs'}
         unknown = set(kwargs) - known
         if unknown:
             raise ValueError(f'data.kwargs has unknown keys {sorted(unknown)} (known: {sorted(known)})')
@@ -127,6 +129,8 @@ def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Gene
     """(input views, target views) of a scene's ``item``-th item, as the reference chooses them."""
     if cfg.dataset == 'msn':
         inputs = [int(v) for v in rng.choice(num_views, cfg.num_input_views, replace=False)]
+        if cfg.train_on_inputs:
+            return inputs, list(range(num_views))
         return inputs, sorted(set(range(num_views)) - set(inputs))
     if cfg.dataset == 'nmr':
         return [item], [v for v in range(num_views) if v != item]

@@ -15,6 +15,7 @@ evaluation enumerates them), views and pixels drawn from a generator seeded by t
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -231,7 +232,9 @@ class EvalStream(IterableDataset):
     def __init__(self, cfg: DataConfig, shards: Sequence[tuple[str, int]], batch_size: int, *,
                  rank: int = 0, world_size: int = 1, max_scenes: int | None = None,
                  seed: int = 0, skip_bad: bool = False):
-        self.cfg, self.batch_size, self.seed, self.skip_bad = cfg, batch_size, seed, skip_bad
+        # Evaluation scores novel views only, whatever the training targets are.
+        self.cfg = dataclasses.replace(cfg, train_on_inputs=False)
+        self.batch_size, self.seed, self.skip_bad = batch_size, seed, skip_bad
         self.rank, self.world_size = rank, world_size
         limited, left = [], max_scenes
         for url, n in shards:  # --max-eval: the first scenes in reference order

@@ -31,7 +31,8 @@ from srt.data import to_model_inputs
 from srt.evaluate import evaluate
 from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, shard_table
 from srt.metrics import get_lr, mse2psnr
-from srt.model import SRT, count_parameters
+from srt.init import make_model
+from srt.model import count_parameters
 from srt.visualize import render_rotations, save_grid
 
 CHECKPOINT_FORMAT = 'srt-shards/1'
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
     compile_model = tc.compile if tc.compile is not None else cuda
 
     # ---------------------------------------------------------------- model, optimizer, resume
-    model = SRT(cfg.model).to(device)
+    model = make_model(cfg.model, seed, tc.init).to(device)
     if cfg.model.decoder == 'nerf':
         render_kwargs = {'min_dist': manifest_near_far(args.shards)[0],
                          'max_dist': manifest_near_far(args.shards)[1],

@@ -100,3 +100,20 @@ def test_msn_input_view_count_and_downsample_are_configurable(shards):
     assert batch['input_images'].shape == (1, 3, 3, 64, 64)
     with pytest.raises(ValueError, match='msn only'):
         DataConfig('nmr', num_input_views=2)
+
+
+def test_msn_train_on_inputs_targets_every_view_but_evaluation_scores_novel_views(shards):
+    from srt.data import choose_views
+    from srt.loader import EvalStream, shard_table
+    cfg = DataConfig.from_yaml({'dataset': 'msn', 'num_points': 16,
+                                'kwargs': {'num_input_views': 3, 'train_on_inputs': True}})
+    inputs, targets = choose_views(cfg, 10, 0, np.random.default_rng(0))
+    assert len(inputs) == 3 and targets == list(range(10))
+    plain, _ = choose_views(DataConfig('msn', num_input_views=3), 10, 0, np.random.default_rng(0))
+    assert plain == inputs  # the same draw: only the targets differ
+    cfg = DataConfig.from_yaml({'dataset': 'msn', 'num_points': 16,
+                                'kwargs': {'num_input_views': 3, 'train_on_inputs': True}},
+                               full_scale=True)
+    batches = list(EvalStream(cfg, shard_table(str(shards / 'msn'), 'train'), 2))
+    for batch in batches:  # 7 novel views of 128x128 pixels each, none of the inputs
+        assert batch['target_pixels'].shape[1] == 7 * 128 * 128
