@@ -133,6 +133,7 @@ def _check_existing(cfg: ConvertConfig, split: str, plan: dict) -> None:
     path = os.path.join(cfg.out, WORK_DIR, f'{split}.plan.json')
     if os.path.exists(path):
         old = _read_json(path)
+        plan = json.loads(json_bytes(plan))  # compare as stored (tuples become lists)
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
             raise SystemExit(f'{path}: existing output of split {split!r} was planned with other '

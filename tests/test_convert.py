@@ -167,6 +167,15 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_bytes(tmp_path):
     assert tree_bytes(out) == want
 
 
+@pytest.mark.parametrize('dataset', ['nmr', 'clevr3d', 'msn'])
+def test_rerunning_a_finished_conversion_is_safe_and_changes_nothing(tmp_path, dataset):
+    src = SRC / {'nmr': 'nmr', 'clevr3d': 'clevr3d', 'msn': 'msn'}[dataset]
+    run_convert(dataset, src, tmp_path, splits=['train'])
+    want = tree_bytes(tmp_path)
+    run_convert(dataset, src, tmp_path, splits=['train'])  # the plan compares equal as stored
+    assert tree_bytes(tmp_path) == want
+
+
 def test_two_tasks_hold_exactly_the_scenes_of_one_run(tmp_path):
     src = make_nmr_copies(tmp_path / 'src', 20)
     run_convert('nmr', src, tmp_path / 'one', scenes_per_shard=3, splits=['train'])
