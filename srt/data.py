@@ -101,20 +101,40 @@ class SceneSource:
             raise ShardError(f'{where}: {type(e).__name__}: {e}') from None
         self.height, self.width = self.meta['height'], self.meta['width']
         self.where = where
-        self._images: dict[int, np.ndarray] = {}
+        # Decoded views live in one [V, h, w, 3] array, so that sampled target pixels of many
+        # views are one gather (a loop over views cost 10x more than the decoding, for NMR).
+        self._pixels: np.ndarray | None = None
+        self._decoded = [False] * self.num_views
 
     def image(self, view: int) -> np.ndarray:
-        """[h, w, 3] uint8 RGB (alpha dropped as the reference does)."""
-        img = self._images.get(view)
-        if img is None:
+        """[h, w, 3] uint8 RGB (alpha dropped as the reference does; a view, not a copy)."""
+        if not self._decoded[view]:
             try:
-                img = decode_png(self.sample[rgb_member(view)], 3)
+                # RGBA stays RGBA here: dropping alpha is a strided copy as slow as half a decode.
+                img = decode_png(self.sample[rgb_member(view)])
+                if img.dtype != np.uint8 or img.shape[-1] not in (3, 4):
+                    img = decode_png(self.sample[rgb_member(view)], 3)
             except Exception as e:
                 raise ShardError(f'{self.where} view {view}: {type(e).__name__}: {e}') from None
             if img.shape[:2] != (self.height, self.width):
                 raise ShardError(f'{self.where} view {view}: image {img.shape[:2]} != meta size')
-            self._images[view] = img
-        return img
+            if self._pixels is None:
+                self._pixels = np.empty((self.num_views, self.height, self.width, img.shape[-1]),
+                                        np.uint8)
+            self._pixels[view] = img if img.shape[-1] == self._pixels.shape[-1] else \
+                np.concatenate([img, np.full_like(img[..., :1], 255)], -1)[..., :self._pixels.shape[-1]]
+            self._decoded[view] = True
+        return self._pixels[view, ..., :3]
+
+    def gather(self, views: Sequence[int], flat: np.ndarray) -> np.ndarray:
+        """Pixels [p, 3] uint8 at ``flat`` indices into the concatenated pixels of ``views``."""
+        for v in views:
+            self.image(v)
+        hw = self.height * self.width
+        view_of, rem = np.divmod(flat, hw)
+        index = np.asarray(views, np.int64)[view_of] * hw + rem
+        c = self._pixels.shape[-1]
+        return np.ascontiguousarray(np.take(self._pixels.reshape(-1, c), index, axis=0)[:, :3])
 
     def num_objects(self) -> int | None:
         return self.meta.get('source', {}).get('num_objects')
@@ -166,11 +186,8 @@ def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], target
     rows, cols = np.divmod(rem, w)
     if cfg.full_scale:
         target_pixels = np.concatenate([scene.image(v).reshape(-1, 3) for v in targets])
-    else:  # gather per view: no copy of whole target images
-        target_pixels = np.empty((len(flat), 3), np.uint8)
-        for i, v in enumerate(targets):
-            sel = t_view == i
-            target_pixels[sel] = scene.image(v)[rows[sel], cols[sel]]
+    else:
+        target_pixels = scene.gather(targets, flat)
     item = {
         'input_images': input_images,  # [k, h', w', 3] uint8
         'input_M': M[:k].astype(np.float32),  # [k, 3, 3]

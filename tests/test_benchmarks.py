@@ -1,0 +1,25 @@
+"""The benchmark tools run end to end at toy size and print their tables (the numbers themselves are
+measured on a quiet machine and quoted in the README; no timing is asserted here)."""
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_tool(*args):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_loader_prints_its_table(tmp_path):
+    out = run_tool('tools/bench_loader.py', '--workdir', tmp_path, '--scenes', 12, '--seconds',
+                   0.2, '--sets', 'msn', 'nmr')
+    rows = [line for line in out.splitlines() if line.startswith('| msn') or line.startswith('| nmr')]
+    assert len(rows) == 2 and all(line.count('|') == 8 for line in rows)
+
+
+def test_bench_convert_prints_its_ratios(tmp_path):
+    out = run_tool('tools/bench_convert.py', '--workdir', tmp_path, '--scenes', 12)
+    assert 'raw scan' in out and 'shard bytes / source bytes' in out

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Loader throughput per core: SRT training batches from shards vs PNG decoding alone vs the
+reference implementation's loading path, for MSN-, NMR- and CLEVR3D-shaped data, in one run.
+
+    python tools/bench_loader.py [--workdir /tmp/srt_bench] [--seconds 8]
+
+Data: generated with tools/make_synthetic.py (msn 128x128 x10, nmr 64x64 x24, obsurf 240x320 RGBA
+x3) and converted with tools/convert_*.py, cached in --workdir. Rows, per core (one process; rates
+are items per CPU second of the process, so TensorFlow's threads count too):
+  decode only     the PNGs an item uses (every view of its scene: NMR 24, CLEVR3D 3, MSN 10)
+                  decoded with the fastest decoder, bytes already in memory: the limit of a loader
+                  that decodes per item (ours decodes a scene once for all of its items, which is
+                  why it can pass this limit for NMR and CLEVR3D)
+  ours            pipeline.stream + srt.loader.TrainStream: tar reading, decoding, view choice,
+                  canonical frames and num_points target pixels per item, collated batches (rays
+                  are computed on the training device from the shipped cameras)
+  ours + rays     the same, plus srt.data.to_model_inputs on the CPU (float images, every ray)
+  reference       the reference's path re-implemented: NMR / CLEVR3D per item every PNG read from
+                  its file and numpy rays of every view; MSN a tf.data pipeline over the TFRecords
+                  that decodes the PNGs and computes per-pixel rays as sunds does
+An item is what the model sees per scene slot of a batch: NMR and CLEVR3D (scene, input view) pairs,
+MSN scenes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import numpy as np  # noqa: E402
+
+SETS = {  # name: (generator format, converter, dataset, scenes)
+    'msn': ('msn', 'convert_msn.py', 'msn', 300),
+    'nmr': ('nmr', 'convert_nmr.py', 'nmr', 120),
+    'clevr3d': ('obsurf', 'convert_obsurf.py', 'clevr3d', 150),
+}
+NUM_POINTS = 8192
+BATCH = 8
+
+
+def prepare(workdir: str, name: str, scenes: int | None = None) -> tuple[str, str]:
+    fmt, tool, _, default_scenes = SETS[name]
+    scenes = scenes or default_scenes
+    src, out = os.path.join(workdir, f'{name}_src'), os.path.join(workdir, f'{name}_shards')
+    if not os.path.isdir(src):
+        subprocess.run([sys.executable, os.path.join(ROOT, 'tools/make_synthetic.py'), '--format',
+                        fmt, '--out', src, '--scenes', str(scenes)], check=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out', out,
+                    '--splits', 'train', '--scenes-per-shard', '25', '--no-progress'], check=True,
+                   stdout=subprocess.DEVNULL)
+    return src, out
+
+
+def timed(fn, seconds: float) -> float:
+    """Items per CPU second of this process (all its threads), running fn() -> items repeatedly."""
+    fn()  # warm-up
+    items, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < seconds:
+        items += fn()
+    return items / (time.process_time() - cpu0)
+
+
+# ----------------------------------------------------------------------------- rows
+
+def decode_only(shards: str):
+    from pipeline.decode import decode_png
+    from pipeline.reader import shard_urls
+    from pipeline.verify import iter_samples
+    pngs = [[v for k, v in s.items() if k.startswith('rgb_')]
+            for url in shard_urls(shards, 'train') for s in iter_samples(url)]
+
+    def run():
+        for scene in pngs[:40]:
+            for data in scene:
+                decode_png(data, 3)
+        return 40  # items: each needs every view of its scene
+    return run
+
+
+def ours(shards: str, dataset: str, rays: bool):
+    from srt.data import DataConfig, to_model_inputs
+    from srt.loader import TrainStream, shard_table
+    cfg = DataConfig(dataset=dataset, num_points=NUM_POINTS,
+                     downsample=1 if dataset == 'clevr3d' else None)
+    stream = iter(TrainStream(cfg, shard_table(shards, 'train'), BATCH, shards_per_visit=4,
+                              item_buffer=64))
+
+    def run():
+        for _ in range(5):
+            batch = next(stream)
+            if rays:
+                to_model_inputs(batch)
+        return 5 * BATCH
+    return run
+
+
+def reference_files(src: str, dataset: str):
+    """The reference's map-style loaders (NMR, CLEVR3D): per item, every view's PNG read from its
+    file, float conversion, numpy rays of every view, canonical transform, target sampling."""
+    from PIL import Image  # the reference reads with imageio, which decodes with Pillow
+
+    from pipeline.sources.nmr import NMRSource
+    from pipeline.sources.obsurf import ObsurfSource
+
+    def imread(path):
+        return np.asarray(Image.open(path))
+
+    rng = np.random.default_rng(0)
+    if dataset == 'nmr':
+        source = NMRSource(src)
+        scenes = source.scene_refs('train')
+        rot = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], np.float64)
+        xmap, ymap = np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 64))
+
+        def item(i):
+            scene_idx, view = i % len(scenes), (i // len(scenes)) % 24
+            path = os.path.join(src, scenes[scene_idx])
+            images = np.stack([imread(os.path.join(path, 'image', f'{v:04d}.png'))
+                               for v in range(24)]).astype(np.float32) / 255.
+            cams = dict(np.load(os.path.join(path, 'cameras.npz')))
+            rays, pos = [], []
+            for v in range(24):
+                wmi = rot @ cams[f'world_mat_inv_{v}']
+                d = np.stack([xmap, ymap, np.ones_like(xmap), np.zeros_like(xmap)], -1)
+                d = np.einsum('nm,...m->...n', wmi @ cams[f'camera_mat_inv_{v}'], d)[..., :3]
+                rays.append(d / np.linalg.norm(d, axis=-1, keepdims=True))
+                pos.append(wmi[:3, 3])
+            rays, pos = np.stack(rays).astype(np.float32), np.stack(pos).astype(np.float32)
+            T = (cams[f'world_mat_{view}'] @ rot.T).astype(np.float32)
+            rays = np.einsum('nm,...m->...n', T[:3, :3], rays)
+            targets = [v for v in range(24) if v != view]
+            flat_rays = rays[targets].reshape(-1, 3)
+            flat_px = images[targets].reshape(-1, 3)
+            idx = rng.choice(len(flat_rays), NUM_POINTS, replace=False)
+            return flat_rays[idx], flat_px[idx]
+    else:
+        from pipeline import cameras as C
+        source = ObsurfSource(src, 'clevr3d')
+        scenes = source.scene_refs('train')
+        positions = source.metadata['camera_pos']
+
+        def item(i):
+            scene, view = scenes[i % len(scenes)], (i // len(scenes)) % 3
+            imgs = [imread(os.path.join(src, 'images', f'img_{scene}_{v}.png'))[..., :3]
+                    .astype(np.float32) / 255 for v in range(3)]
+            rays = np.stack([C.image_rays(*C.obsurf_to_opencv(positions[scene, v]), 240, 320)[1]
+                             for v in range(3)]).astype(np.float32)
+            T = C.canonical_from_look_at(positions[scene, view]).astype(np.float32)
+            rays = np.einsum('nm,...m->...n', T[:3, :3], rays)
+            flat_rays, flat_px = rays.reshape(-1, 3), np.stack(imgs).reshape(-1, 3)
+            idx = rng.choice(len(flat_rays), NUM_POINTS, replace=False)
+            return flat_rays[idx], flat_px[idx], imgs[view][1::2, 1::2]
+
+    counter = [0]
+
+    def run():
+        for _ in range(4):
+            item(counter[0])
+            counter[0] += 1
+        return 4
+    return run
+
+
+def reference_msn(src: str):
+    """The reference's MSN path: tf.data over the TFRecords, PNG decoding and per-pixel rays as
+    sunds computes them (pinhole through pixel centres, scene_from_camera = pose * inv(extr))."""
+    from pipeline.sources.msn import import_tensorflow
+    tf = import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    from pipeline.sources.msn import find_dataset_dir
+    from pipeline.sources import msn as msn_source  # noqa: F401
+    builder = tfds.builder_from_directory(find_dataset_dir(src))
+    ds = builder.as_dataset(split='train', shuffle_files=False)
+
+    def rays(ex):
+        out = {'color_image': [], 'ray_origins': [], 'ray_directions': []}
+        for name in sorted(ex['cameras']):
+            cam = ex['cameras'][name]
+            img = cam['color_image']
+            h, w = tf.shape(img)[0], tf.shape(img)[1]
+            u, v = tf.meshgrid(tf.range(w), tf.range(h))
+            pix = tf.cast(tf.stack([u, v], -1), tf.float32) + 0.5
+            pts = tf.concat([pix, tf.ones_like(pix[..., :1])], -1)
+            d_cam = tf.linalg.normalize(tf.einsum('ij,hwj->hwi', tf.linalg.inv(cam['intrinsics']['K']),
+                                                  pts), axis=-1)[0]
+            R = tf.matmul(ex['pose']['R'], cam['extrinsics']['R'], transpose_b=True)
+            t = ex['pose']['t'] - tf.linalg.matvec(R, cam['extrinsics']['t'])
+            d = tf.linalg.normalize(tf.einsum('ij,hwj->hwi', R, d_cam), axis=-1)[0]
+            out['color_image'].append(img)
+            out['ray_origins'].append(tf.broadcast_to(t, tf.shape(d)))
+            out['ray_directions'].append(d)
+        return {k: tf.stack(v) for k, v in out.items()}
+
+    from srt.data import NUM_MSN_INPUT_VIEWS
+    from pipeline import cameras as C
+    stream = iter(ds.map(rays, num_parallel_calls=tf.data.AUTOTUNE).repeat().prefetch(2)
+                  .as_numpy_iterator())
+    rng = np.random.default_rng(0)
+
+    def prep(data):  # the reference's MultishapenetDataset.prep_item
+        inputs = rng.choice(10, NUM_MSN_INPUT_VIEWS, replace=False)
+        targets = np.array(sorted(set(range(10)) - set(inputs)))
+        img = data['color_image'].astype(np.float32) / 255.
+        T = C.canonical_from_rays(data['ray_origins'][inputs[0]][0, 0],
+                                  data['ray_directions'][inputs[0]]).astype(np.float32)
+        input_rays = np.einsum('nm,...m->...n', T[:3, :3], data['ray_directions'][inputs])
+        flat_rays = data['ray_directions'][targets].reshape(-1, 3)
+        idx = rng.choice(len(flat_rays), NUM_POINTS, replace=False)
+        return img[inputs], input_rays, np.einsum('nm,...m->...n', T[:3, :3], flat_rays[idx]), \
+            img[targets].reshape(-1, 3)[idx]
+
+    def run():
+        for _ in range(4):
+            prep(next(stream))
+        return 4
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--workdir', default='/tmp/srt_bench_loader', help='cache of generated data')
+    p.add_argument('--seconds', type=float, default=8.0, help='measuring time per cell')
+    p.add_argument('--sets', nargs='+', default=list(SETS), choices=list(SETS))
+    p.add_argument('--scenes', type=int, help='scenes to generate per set (default: per set)')
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    os.makedirs(args.workdir, exist_ok=True)
+    from pipeline.decode import DECODER
+    print(f'decoder: {DECODER}; {NUM_POINTS} target points per item, batches of {BATCH}; '
+          f'rates are items per CPU second (one process)')
+    rows = []
+    for name in args.sets:
+        src, shards = prepare(args.workdir, name, args.scenes)
+        dataset = SETS[name][2]
+        row = {'set': name, 'decode': timed(decode_only(shards), args.seconds),
+               'ours': timed(ours(shards, dataset, False), args.seconds),
+               'ours_rays': timed(ours(shards, dataset, True), args.seconds),
+               'reference': timed(reference_msn(src) if name == 'msn' else
+                                  reference_files(src, dataset), args.seconds)}
+        rows.append(row)
+        print(f'{name}: done', flush=True)
+    print()
+    print(f'| shape | decode only (limit) | ours | ours / limit | ours + CPU rays | reference | '
+          f'ours / reference |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f'| {r["set"]} | {r["decode"]:,.0f} | {r["ours"]:,.0f} | {r["ours"] / r["decode"]:.2f}x | '
+              f'{r["ours_rays"]:,.0f} | {r["reference"]:,.1f} | {r["ours"] / r["reference"]:.0f}x |')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
