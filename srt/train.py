@@ -285,7 +285,9 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- streams
     train_shards = shard_table(args.shards, 'train', args.shard_url)
     stream_state = StreamState(seed, world, tc.num_workers, micro, data_state)
-    train_stream = TrainStream(cfg.data, train_shards, micro, seed=seed, rank=rank,
+    # --full-scale is for evaluation only: training always samples num_points rays per scene.
+    train_data = dataclasses.replace(cfg.data, full_scale=False)
+    train_stream = TrainStream(train_data, train_shards, micro, seed=seed, rank=rank,
                                world_size=world, shards_per_visit=tc.shards_per_visit,
                                item_buffer=tc.item_buffer, state=data_state)
     batches_per_epoch = max(1, train_stream.batches_per_epoch(num_views) // tc.grad_accum)

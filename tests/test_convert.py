@@ -373,3 +373,21 @@ def test_hugging_face_datasets_loads_the_shards(tmp_path):
     assert row['rgb_000.png'].size == (128, 128)
     assert np.asarray(row['cameras.npz']['c2w']).shape == (10, 4, 4)
     assert row['meta.json']['pose_convention'] == 'c2w_opencv'
+
+
+def test_readme_convert_and_inspect_commands(tmp_path):
+    out = tmp_path / 'clevr3d'
+    cli('convert_obsurf.py', '--src', SRC / 'clevr3d', '--out', out, '--splits', 'train')
+    def inspect(*args):
+        return subprocess.run([sys.executable, str(ROOT / 'tools/inspect_shards.py'), str(out),
+                               *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    proc = inspect('--verify', '--contact-sheet', tmp_path / 'sheet.png', '--scenes', 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'clevr3d' in proc.stdout and (tmp_path / 'sheet.png').stat().st_size > 0
+    with open(out / 'train-000000.tar', 'r+b') as f:  # one flipped byte inside a PNG
+        f.seek(3000)
+        byte = f.read(1)
+        f.seek(3000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    bad = inspect('--verify')
+    assert bad.returncode != 0 and 'train-000000.tar' in bad.stdout + bad.stderr

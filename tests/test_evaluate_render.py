@@ -72,3 +72,23 @@ def test_motions_move_the_camera_as_described():
     _, roll = motion_camera('eyeroll', pos, 0.3, 8, 8)
     np.testing.assert_allclose(roll[:3, 3], pos)
     assert not np.allclose(roll[:3, 2], start[:3, 2])
+
+
+def test_render_video_tool_writes_a_playable_mp4(nmr_shards, tmp_path):  # noqa: F811
+    from srt.checkpoint import reference_state_dicts
+    from tests.conftest import ROOT
+    small = {'pos_start_octave': -5, 'num_att_blocks': 1}
+    model = SRT(ModelConfig(encoder_kwargs={**small, 'num_conv_blocks': 3}, decoder_kwargs=small))
+    torch.save({**reference_state_dicts(model), 'it': 0}, tmp_path / 'model.pt')
+    (tmp_path / 'config.yaml').write_text(
+        'data: {dataset: nmr}\nmodel:\n  encoder_kwargs: {pos_start_octave: -5, num_conv_blocks: 3, '
+        'num_att_blocks: 1}\n  decoder_kwargs: {pos_start_octave: -5, num_att_blocks: 1}\n')
+    proc = subprocess.run([sys.executable, 'tools/render_video.py', '--shards', str(nmr_shards),
+                           '--checkpoint', str(tmp_path / 'model.pt'), '--config',
+                           str(tmp_path / 'config.yaml'), '--split', 'val', '--scene', '0',
+                           '--motion', 'zoom', '--num-frames', '3', '--height', '16', '--width',
+                           '16', '--out', str(tmp_path / 'video')], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with av.open(str(tmp_path / 'video/video.mp4')) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 3

@@ -169,3 +169,41 @@ def test_bad_input_is_refused_before_the_first_step(nmr_shards, tmp_path):
     other = write_config(tmp_path / 'other.yaml', max_it=2, batch_size=4)
     err = _run_fail(['--shards', nmr_shards, '--config', other, '--out', run])
     assert 'training.batch_size: checkpoint 2, now 4' in err
+
+
+def test_readme_flags_stream_from_a_url_checkpoint_accumulate_and_evaluate(nmr_shards, tmp_path):
+    # The README's training options against a plain run: streaming the shards through a `pipe:`
+    # URL and activation checkpointing train exactly the same model.
+    config = write_config(tmp_path / 'tiny.yaml', max_it=3, checkpoint_every=0)
+    subprocess.run(train_cmd(nmr_shards, config, tmp_path / 'plain'), env=ENV, cwd=ROOT,
+                   check=True, capture_output=True)
+    run = tmp_path / 'flags'
+    proc = subprocess.run(train_cmd(nmr_shards, config, run, '--shard-url',
+                                    f'pipe:cat {nmr_shards}/{{name}}', '--activation-checkpointing',
+                                    '--evalnow', '--visnow', '--test', '--max-eval', 1,
+                                    '--print-model'),
+                          env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = losses(tmp_path / 'plain')
+    assert sorted(want) == [1, 2, 3]
+    np.testing.assert_allclose(list(losses(run).values()), list(want.values()), rtol=1e-5,
+                               atol=1e-8)
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    evals = [r for r in records if any(k.endswith('_psnr') for k in r)]
+    assert evals and evals[0]['it'] == 0  # --evalnow: before the first step
+    assert list(run.glob('renders-*.png'))  # --visnow
+    assert 'encoder.' in proc.stdout + proc.stderr  # --print-model
+    # --full-scale changes the evaluation only; training still samples num_points rays (it once
+    # trained on full images).
+    full = tmp_path / 'full'
+    subprocess.run(train_cmd(nmr_shards, config, full, '--full-scale'), env=ENV, cwd=ROOT,
+                   check=True, capture_output=True)
+    np.testing.assert_allclose(list(losses(full).values()), list(want.values()), rtol=1e-5,
+                               atol=1e-8)
+    # --grad-accum splits each global batch of 2 into micro-batches of 1 (other batches, so other
+    # losses): it runs the same number of optimizer steps.
+    accum = tmp_path / 'accum'
+    subprocess.run(train_cmd(nmr_shards, config, accum, '--grad-accum', 2), env=ENV, cwd=ROOT,
+                   check=True, capture_output=True)
+    got = losses(accum)
+    assert sorted(got) == [1, 2, 3] and all(np.isfinite(v[0]) for v in got.values())
