@@ -28,6 +28,17 @@ class Source(Protocol):
         """JSON-able description of the source for manifests and the dataset card."""
 
 
+def read_each(read_scene, split: str, refs: Sequence[Any], start_index: int
+              ) -> Iterator[SourceScene | SourceError]:
+    """``Source.read`` for readers with a per-scene ``read_scene(split, ref, index)``: a bad scene
+    is yielded as its SourceError, and the next scenes are still read."""
+    for i, ref in enumerate(refs):
+        try:
+            yield read_scene(split, ref, start_index + i)
+        except SourceError as e:
+            yield e
+
+
 def open_source(dataset: str, root: str, **kwargs) -> Source:
     if dataset == 'nmr':
         from pipeline.sources.nmr import NMRSource

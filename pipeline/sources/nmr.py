@@ -15,6 +15,7 @@ import yaml
 
 from pipeline import cameras
 from pipeline.schema import SourceError, SourceScene, png_info
+from pipeline.sources import read_each
 
 SPLITS = ('train', 'val', 'test')
 
@@ -53,11 +54,7 @@ class NMRSource:
 
     def read(self, split: str, refs: Sequence[str], start_index: int
              ) -> Iterator[SourceScene | SourceError]:
-        for i, ref in enumerate(refs):
-            try:
-                yield self._read_scene(split, ref, start_index + i)
-            except SourceError as e:
-                yield e
+        return read_each(self._read_scene, split, refs, start_index)
 
     def _read_scene(self, split: str, ref: str, index: int) -> SourceScene:
         scene_dir = os.path.join(self.root, ref)

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline import cameras
 from pipeline.schema import SourceError, SourceScene, png_info
+from pipeline.sources import read_each
 
 SPLIT_RANGES = {
     'clevr3d': {'train': (0, 70000), 'val': (70000, 75000), 'test': (85000, 100000)},
@@ -60,11 +61,7 @@ class ObsurfSource:
 
     def read(self, split: str, refs: Sequence[int], start_index: int
              ) -> Iterator[SourceScene | SourceError]:
-        for i, ref in enumerate(refs):
-            try:
-                yield self._read_scene(split, ref, start_index + i)
-            except SourceError as e:
-                yield e
+        return read_each(self._read_scene, split, refs, start_index)
 
     def _read_scene(self, split: str, scene: int, index: int) -> SourceScene:
         positions = self.metadata['camera_pos'][scene]
