@@ -25,6 +25,8 @@ All functions here are pure numpy (float64 inside). ``image_rays_torch`` and
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 UP_Z = np.array([0.0, 0.0, 1.0])
@@ -337,6 +339,17 @@ def canonical_from_rays(camera_pos, directions, up=UP_Z) -> np.ndarray:
     return canonical_from_look_at(pos, pos + z, up)
 
 
+@functools.lru_cache(maxsize=16)
+def _center_column_points(height: int, width: int) -> np.ndarray:
+    """Homogeneous image points [2h (h for odd w), 3] of the centre column(s)' pixel centres (read
+    only: cached)."""
+    cols = np.arange(width // 2 - 1, width // 2 + 1) if width % 2 == 0 else np.array([width // 2])
+    rr, cc = np.meshgrid(np.arange(height), cols, indexing='ij')
+    points = np.stack([cc + 0.5, rr + 0.5, np.ones(rr.shape)], axis=-1).reshape(-1, 3)
+    points.flags.writeable = False
+    return points
+
+
 def canonical_from_world(rule: str, K, world_from_cam, height: int, width: int) -> np.ndarray:
     """The reference's canonical frame of the input view with pose ``world_from_cam`` [4, 4].
 
@@ -350,14 +363,25 @@ def canonical_from_world(rule: str, K, world_from_cam, height: int, width: int) 
     if rule == 'look_at_origin':
         return canonical_from_look_at(pose[:3, 3])
     if rule == 'center_columns_rays':
-        w = width
-        cols = np.arange(w // 2 - 1, w // 2 + 1) if w % 2 == 0 else np.array([w // 2])
-        rows = np.arange(height)
-        rr, cc = np.meshgrid(rows, cols, indexing='ij')
-        _, d = pixel_rays(K, pose, rr, cc)
+        # canonical_from_rays(pose[:3, 3], the view's rays) computed on the centre columns only,
+        # with the camera validated once (this runs per training item).
+        K = check_intrinsics(K)
+        points = _center_column_points(height, width)
+        d = _normalise(points @ (pose[:3, :3] @ np.linalg.inv(K)).T)
         # The reference averages float32 rays; rounding the directions first matches it closer.
-        d = d.astype(np.float32).astype(np.float64)
-        return canonical_from_rays(pose[:3, 3], d)
+        z = _normalise(d.astype(np.float32).astype(np.float64).mean(axis=0))
+        x = np.array([z[1], -z[0], 0.0])  # z x up, for up = +z
+        norm = np.linalg.norm(x)
+        if norm < 1e-9:
+            raise ValueError('canonical frame: viewing direction is parallel to the up axis')
+        x = x / norm
+        y = np.array([z[1] * x[2] - z[2] * x[1], z[2] * x[0] - z[0] * x[2],
+                      z[0] * x[1] - z[1] * x[0]])  # z x x
+        R = np.stack([x, y, z])  # rows: the canonical axes in world coordinates
+        out = np.eye(4)
+        out[:3, :3] = R
+        out[:3, 3] = -R @ pose[:3, 3]
+        return out
     raise ValueError(f'unknown canonical-frame rule {rule!r}; expected one of {CANONICAL_RULES}')
 
 
