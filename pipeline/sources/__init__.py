@@ -3,9 +3,10 @@ loader's order (``scene_refs``) and reads them into ``pipeline.schema.SourceScen
 (``read``). Only ``pipeline.sources.msn`` imports TensorFlow, and only when it is opened."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Protocol, Sequence
 
-from pipeline.schema import SourceError, SourceScene
+from pipeline.schema import SourceError, SourceScene, png_info
 
 DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn')
 
@@ -37,6 +38,17 @@ def read_each(read_scene, split: str, refs: Sequence[Any], start_index: int
             yield read_scene(split, ref, start_index + i)
         except SourceError as e:
             yield e
+
+
+def read_view_png(path: str, view: int, scene) -> tuple[bytes, int, int]:
+    """(PNG bytes, width, height) of a view's image file, its structure checked; SourceError
+    naming the file and scene if it is missing or not a whole PNG."""
+    if not os.path.isfile(path):
+        raise SourceError(f'{path}: missing view image {view} (scene {scene})')
+    with open(path, 'rb') as f:
+        data = f.read()
+    width, height, _, _ = png_info(data, path)
+    return data, width, height
 
 
 def open_source(dataset: str, root: str, **kwargs) -> Source:

@@ -14,8 +14,8 @@ import numpy as np
 import yaml
 
 from pipeline import cameras
-from pipeline.schema import SourceError, SourceScene, png_info
-from pipeline.sources import read_each
+from pipeline.schema import SourceError, SourceScene
+from pipeline.sources import read_each, read_view_png
 
 SPLITS = ('train', 'val', 'test')
 
@@ -70,11 +70,7 @@ class NMRSource:
         images, Ks, poses, names = [], [], [], []
         for v in range(num_views):
             path = os.path.join(scene_dir, 'image', f'{v:04d}.png')
-            if not os.path.isfile(path):
-                raise SourceError(f'{path}: missing view image {v} (scene {ref})')
-            with open(path, 'rb') as f:
-                data = f.read()
-            width, height, _, _ = png_info(data, path)
+            data, width, height = read_view_png(path, v, ref)
             try:
                 K, pose = cameras.nmr_to_opencv(mats[f'world_mat_inv_{v}'], mats[f'camera_mat_inv_{v}'],
                                                 height, width)

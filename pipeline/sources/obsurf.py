@@ -14,8 +14,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline import cameras
-from pipeline.schema import SourceError, SourceScene, png_info
-from pipeline.sources import read_each
+from pipeline.schema import SourceError, SourceScene
+from pipeline.sources import read_each, read_view_png
 
 SPLIT_RANGES = {
     'clevr3d': {'train': (0, 70000), 'val': (70000, 75000), 'test': (85000, 100000)},
@@ -68,11 +68,7 @@ class ObsurfSource:
         images, Ks, poses = [], [], []
         for v in range(len(positions)):
             path = os.path.join(self.root, 'images', f'img_{scene}_{v}.png')
-            if not os.path.isfile(path):
-                raise SourceError(f'{path}: missing view image {v} (scene {scene})')
-            with open(path, 'rb') as f:
-                data = f.read()
-            width, height, _, _ = png_info(data, path)
+            data, width, height = read_view_png(path, v, scene)
             try:
                 K, pose = cameras.obsurf_to_opencv(positions[v], height, width)
             except ValueError as e:
