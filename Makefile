@@ -1,9 +1,11 @@
-# The two commands of the README. Each creates its own virtual environment on first use.
+# The README's commands. Each creates the virtual environment on first use (`make venv`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test
+.PHONY: demo test venv
+
+venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
