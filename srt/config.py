@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from srt.data import DataConfig
+from srt.init import INIT_SCHEMES
 from srt.model import ModelConfig
 
 RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs')
@@ -84,8 +85,8 @@ class TrainingConfig:
     def __post_init__(self):
         if self.model_selection_mode not in ('maximize', 'minimize'):
             raise ValueError('training.model_selection_mode must be maximize or minimize')
-        if self.init not in ('he', 'torch'):
-            raise ValueError("training.init must be 'he' or 'torch'")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f'training.init must be one of {INIT_SCHEMES}, got {self.init!r}')
         if self.precision not in ('auto', 'bf16', 'fp32'):
             raise ValueError('training.precision (--precision) must be auto, bf16 or fp32')
         for name in ('batch_size', 'grad_accum', 'max_it', 'print_every'):

@@ -121,8 +121,10 @@ class SceneSource:
             if self._pixels is None:
                 self._pixels = np.empty((self.num_views, self.height, self.width, img.shape[-1]),
                                         np.uint8)
-            self._pixels[view] = img if img.shape[-1] == self._pixels.shape[-1] else \
-                np.concatenate([img, np.full_like(img[..., :1], 255)], -1)[..., :self._pixels.shape[-1]]
+            if img.shape[-1] == self._pixels.shape[-1]:
+                self._pixels[view] = img
+            else:  # RGB and RGBA views in one scene: only RGB is ever read
+                self._pixels[view, ..., :3] = img[..., :3]
             self._decoded[view] = True
         return self._pixels[view, ..., :3]
 

@@ -23,7 +23,7 @@ from srt.model import SRT, ModelConfig
 INIT_SCHEMES = ('he', 'torch')
 
 
-def init_weights(model: SRT, scheme: str = 'he') -> SRT:
+def init_weights(model: SRT, scheme: str) -> SRT:
     if scheme not in INIT_SCHEMES:
         raise ValueError(f'init scheme {scheme!r} is not one of {INIT_SCHEMES}')
     if scheme == 'he':
@@ -40,7 +40,7 @@ def init_weights(model: SRT, scheme: str = 'he') -> SRT:
     return model
 
 
-def make_model(config: ModelConfig, seed: int, scheme: str = 'he') -> SRT:
+def make_model(config: ModelConfig, seed: int, scheme: str) -> SRT:
     """The model a run starts from: seeded construction, then ``scheme`` (trainer and demo agree)."""
     torch.manual_seed(seed)
     return init_weights(SRT(config), scheme)
