@@ -1,6 +1,12 @@
 """Random access to scenes: an LMDB index per split mapping scene key and reference index to the
 scene's byte range in its shard, so one scene is read without scanning (rendering and evaluating a
-named scene need it). File: ``<shards>/<split>.index.lmdb`` (single file, read-only use)."""
+named scene need it). File: ``<shards>/<split>.index.lmdb`` (single file, read-only use).
+
+The index also records each shard's size and sha256 at indexing time. A read checks that the shard
+still has that size and that the split's manifest still names that sha256, and that the members at
+the indexed offset belong to the scene asked for: a shard replaced after indexing (a reconversion
+without the index, a copy from elsewhere) is reported as such instead of as a corrupt tar or, worse,
+as another scene."""
 from __future__ import annotations
 
 import json
@@ -10,7 +16,7 @@ from typing import Any
 import lmdb
 
 from pipeline import tario
-from pipeline.reader import Scene, ShardError, decode_scene
+from pipeline.reader import Scene, ShardError
 from pipeline.schema import SCHEMA_VERSION, json_bytes
 
 _INFO = b'__info__'
@@ -32,6 +38,8 @@ def build(directory: str, split: str, records: list[dict[str, Any]]) -> None:
                     sync=True, metasync=True)
     with env.begin(write=True) as txn:
         for rec in records:
+            txn.put(b'shard/' + rec['name'].encode(),
+                    json_bytes({'bytes': rec['bytes'], 'sha256': rec['sha256']}))
             for key, ref, offset, size in rec['samples']:
                 value = json_bytes({'shard': rec['name'], 'offset': offset, 'size': size,
                                     'reference_index': ref})
@@ -52,6 +60,8 @@ class SceneIndex:
     def __init__(self, directory: str, split: str):
         self.directory, self.split = directory, split
         path = index_path(directory, split)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f'{directory}: no such shard directory')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path}: no index (convert the split first, or run the '
                                     'converter with --finalize)')
@@ -61,6 +71,7 @@ class SceneIndex:
         if self.info.get('schema_version') != SCHEMA_VERSION:
             raise ShardError(f'{path}: schema version {self.info.get("schema_version")} is not '
                              f'{SCHEMA_VERSION}')
+        self._manifest_sha: dict[str, str] | None = None  # shard name -> sha256, read on first use
 
     def __len__(self) -> int:
         return self.info['num_scenes']
@@ -91,30 +102,71 @@ class SceneIndex:
         return json.loads(value)
 
     def read_sample(self, scene: str | int) -> dict[str, Any]:
-        """The scene's members as a WebDataset-style sample dict, read with one seek."""
-        loc = self.locate(scene)
+        """The scene's members as a WebDataset-style sample dict, read with one seek; raises
+        ShardError if the shard no longer matches the index."""
+        key = self.key_of(scene)
+        loc = self.locate(key)
         url = os.path.join(self.directory, loc['shard'])
         with open(url, 'rb') as f:
+            self._check_shard(loc['shard'], url, os.fstat(f.fileno()).st_size)
             f.seek(loc['offset'])
             buf = f.read(loc['size'])
-        sample: dict[str, Any] = {'__url__': url}
-        for name, data in tario.iter_members_bytes(buf, url, require_end=False):
-            key, member = tario.split_key(name)
-            sample['__key__'] = key
-            sample[member] = data
+        stale = (f'{index_path(self.directory, self.split)}: index does not match shard {url} '
+                 f'(replaced after indexing? rebuild the index with the converter\'s --finalize)')
+        sample: dict[str, Any] = {'__key__': key, '__url__': url}
+        try:
+            for name, data in tario.iter_members_bytes(buf, f'{url} at byte {loc["offset"]}',
+                                                       require_end=False):
+                member_key, member = tario.split_key(name)
+                if member_key != key:
+                    raise ShardError(f'{stale}: the member at the indexed bytes is {name!r}, not '
+                                     f'of scene {key!r}')
+                sample[member] = data
+        except tario.TarFormatError as e:
+            raise ShardError(f'{stale}: {e}') from None
+        if len(buf) != loc['size'] or len(sample) == 2:
+            raise ShardError(f'{stale}: scene {key!r} should be {loc["size"]} bytes at byte '
+                             f'{loc["offset"]}, found {len(buf)}')
         return sample
 
-    def read(self, scene: str | int, **kwargs) -> Scene:
-        return decode_scene(self.read_sample(scene), **kwargs)
+    def _check_shard(self, name: str, url: str, size: int) -> None:
+        """The shard's size now against the index, and the index's sha256 against the manifest's
+        (indexes written before these records existed have none to check)."""
+        with self.env.begin() as txn:
+            value = txn.get(b'shard/' + name.encode())
+        if value is None:
+            return
+        indexed = json.loads(value)
+        stale = f'{index_path(self.directory, self.split)}: index does not match shard {url}'
+        if size != indexed['bytes']:
+            raise ShardError(f'{stale}: {size} bytes now, {indexed["bytes"]} when indexed '
+                             '(replaced after indexing? rebuild the index with the converter\'s '
+                             '--finalize)')
+        if self._manifest_sha is None:
+            self._manifest_sha = {}
+            path = os.path.join(self.directory, f'{self.split}.manifest.json')
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self._manifest_sha = {s['name']: s['sha256'] for s in json.load(f)['shards']}
+        listed = self._manifest_sha.get(name)
+        if listed is not None and listed != indexed['sha256']:
+            raise ShardError(f'{stale}: the manifest lists sha256 {listed[:12]}..., the index was '
+                             f'built for {indexed["sha256"][:12]}... (rebuild the index with the '
+                             'converter\'s --finalize)')
+
+    def read(self, scene: str | int) -> Scene:
+        """The scene by key or reference index, checked (``pipeline.reader.Scene``)."""
+        return Scene(self.read_sample(scene))
 
     def close(self) -> None:
         self.env.close()
 
 
-def read_scene(directory: str, split: str, scene: str | int, **kwargs) -> Scene:
-    """One scene by key or reference index, decoded (kwargs as ``reader.decode_scene``)."""
+def read_scene(directory: str, split: str, scene: str | int) -> Scene:
+    """One scene by key or reference index (``pipeline.reader.Scene``: cameras checked, pixels
+    decoded on first use)."""
     index = SceneIndex(directory, split)
     try:
-        return index.read(scene, **kwargs)
+        return index.read(scene)
     finally:
         index.close()

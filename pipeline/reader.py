@@ -1,19 +1,26 @@
-"""Reading shards: the split's shard list from its manifest, and samples decoded into scenes.
+"""THE parser of shard samples: a split's shards (from its manifest), the samples of one shard, and
+``Scene``, one sample parsed, validated and decoded lazily. Nothing else reads a sample's members.
 
-A sample is the dict WebDataset builds from one scene's members (``{'__key__': ..., 'meta.json':
-bytes, 'cameras.npz': bytes, 'rgb_000.png': bytes, ...}``). ``decode_scene`` turns it into a
-``Scene`` with uint8 images of only the views asked for.
+A sample is the dict WebDataset builds from one scene's members: ``{'__key__': ..., '__url__': ...,
+<member name>: bytes, ...}`` with the member names of ``pipeline.schema``. ``Scene(sample)`` parses
+the metadata and the cameras at once and checks them (the camera member's stored CRC-32, finite and
+rigid poses, valid intrinsics); each view's pixels are decoded on first use. Every problem is a
+``ShardError`` naming the shard URL, the sample key and, where one is concerned, the view.
+
+    for sample in iter_shard(url):
+        scene = Scene(sample)   # scene.K [V, 3, 3], scene.c2w [V, 4, 4], scene.image(0) [h, w, 3]
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
-from typing import Any, Sequence
+import zlib
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from pipeline import cameras, tario
 from pipeline.decode import decode_png
 from pipeline.schema import CAMERAS, META, SCHEMA_VERSION, extra_member, rgb_member
 
@@ -22,17 +29,7 @@ class ShardError(ValueError):
     """Unreadable or inconsistent shard data; the message names the shard and sample."""
 
 
-@dataclasses.dataclass
-class Scene:
-    key: str
-    meta: dict[str, Any]  # the sample's meta.json
-    K: np.ndarray  # [V, 3, 3] float64, pixels (pixel centres at +0.5)
-    c2w: np.ndarray  # [V, 4, 4] float64, world_from_cam with OpenCV axes
-    views: list[int]  # indices of the decoded views
-    images: np.ndarray | None  # [len(views), H, W, 3] uint8, or None when not decoded
-    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # kind -> [len(views), ...]
-    url: str = ''
-
+# ----------------------------------------------------------------------------- a split's shards
 
 def read_manifest(directory: str, split: str) -> dict[str, Any]:
     path = os.path.join(directory, f'{split}.manifest.json')
@@ -51,17 +48,79 @@ def read_manifest(directory: str, split: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_urls(directory: str, split: str) -> list[str]:
-    """Paths of the split's shards, in manifest order."""
-    return [os.path.join(directory, s['name']) for s in read_manifest(directory, split)['shards']]
+def shard_table(directory: str, split: str, url_template: str | None = None
+                ) -> list[tuple[str, int]]:
+    """[(shard URL, scenes)] of a converted split, in manifest order.
+
+    ``url_template`` streams the shards from elsewhere, e.g. object storage, with ``{name}`` for the
+    shard's file name: ``'pipe:aws s3 cp s3://bucket/msn/{name} -'`` (only the manifests need to be
+    in ``directory``).
+    """
+    if url_template is not None and '{name}' not in url_template:
+        raise ValueError(f'shard URL template {url_template!r} has no {{name}}')
+    manifest = read_manifest(directory, split)
+    return [(url_template.format(name=s['name']) if url_template else
+             os.path.join(directory, s['name']), s['scenes']) for s in manifest['shards']]
 
 
-def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
+def shard_urls(directory: str, split: str, url_template: str | None = None) -> list[str]:
+    """URLs of the split's shards, in manifest order (``url_template`` as in ``shard_table``)."""
+    return [url for url, _ in shard_table(directory, split, url_template)]
+
+
+def render_range(directory: str, split: str = 'train', url_template: str | None = None
+                 ) -> tuple[float, float]:
+    """(near, far) render range of a converted split, in world units: the manifest's ``near`` /
+    ``far`` when it has them, else those of the split's first scene (its ``meta.json``)."""
+    manifest = read_manifest(directory, split)
+    if 'near' in manifest and 'far' in manifest:
+        return float(manifest['near']), float(manifest['far'])
+    for url in shard_urls(directory, split, url_template):
+        for sample in iter_shard(url):
+            meta = Scene(sample).meta
+            if 'near' not in meta or 'far' not in meta:
+                raise ShardError(f'{url}: sample {sample["__key__"]}: {META} has no near/far')
+            return float(meta['near']), float(meta['far'])
+    raise ShardError(f'{directory}: split {split!r} has no scenes to read near/far from')
+
+
+# ----------------------------------------------------------------------------- samples of a shard
+
+def open_url(url: str) -> BinaryIO:
+    """A binary stream for a local path, ``pipe:`` command, or http(s) URL (WebDataset's gopen)."""
+    import webdataset as wds
+    return wds.gopen(url, 'rb')
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, as WebDataset-style dicts of member bytes (fast tar parsing).
+    A truncated or corrupt tar raises ``tario.TarFormatError`` naming the URL."""
+    stream = open_url(url)
+    try:
+        sample: dict[str, Any] = {}
+        for name, data, _ in tario.iter_members(stream, url):
+            key, member = tario.split_key(name)
+            if sample and sample['__key__'] != key:
+                yield sample
+                sample = {}
+            if not sample:
+                sample = {'__key__': key, '__url__': url}
+            sample[member] = data
+        if sample:
+            yield sample
+    finally:
+        stream.close()
+
+
+# ----------------------------------------------------------------------------- cameras
+
+def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...], where: str
+                ) -> tuple[np.ndarray, int] | None:
     """The float64 array of a stored (uncompressed) zip entry at ``pos`` holding an .npy of the
-    expected shape, and the offset after it; None if the bytes are not laid out as the converter
-    writes them (the caller then falls back to numpy.load)."""
-    if data[pos:pos + 4] != b'PK\x03\x04' or data[pos + 8:pos + 10] != b'\x00\x00':
-        return None
+    expected shape, and the offset after it, once the entry's CRC-32 is checked; None if the bytes
+    are not laid out as the converter writes them (the caller then falls back to numpy.load)."""
+    if data[pos:pos + 4] != b'PK\x03\x04' or data[pos + 6:pos + 10] != b'\x00\x00\x00\x00':
+        return None  # not a local header, or flags (data descriptor: no CRC here) or compression
     size = int.from_bytes(data[pos + 18:pos + 22], 'little')
     start = pos + 30 + int.from_bytes(data[pos + 26:pos + 28], 'little') + \
         int.from_bytes(data[pos + 28:pos + 30], 'little')
@@ -75,55 +134,177 @@ def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...]) -> tuple[np.ndarr
         return None
     body = start + 10 + hlen
     n = int(np.prod(shape)) * 8
-    if body + n != start + size:
+    if body + n != start + size or start + size > len(data):
         return None
+    if zlib.crc32(memoryview(data)[start:start + size]) != int.from_bytes(data[pos + 14:pos + 18],
+                                                                          'little'):
+        raise ShardError(f'{where}: corrupt {CAMERAS} (CRC-32 mismatch in a stored array)')
     return np.frombuffer(data, np.float64, n // 8, body).reshape(shape), start + size
 
 
-def load_cameras(data: bytes, where: str = 'cameras.npz',
-                 num_views: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(K [V,3,3], c2w [V,4,4]) from ``cameras.npz`` bytes. With ``num_views`` the converter's
-    layout is parsed directly (~30x faster than numpy.load's zipfile path), else numpy.load."""
-    if num_views is not None:
-        K = _stored_npy(data, 0, (num_views, 3, 3))
-        c2w = _stored_npy(data, K[1], (num_views, 4, 4)) if K is not None else None
-        if c2w is not None:
-            return K[0], c2w[0]
+def load_cameras(data: bytes, where: str, num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K [V,3,3], c2w [V,4,4]) float64 from ``cameras.npz`` bytes, checked: the zip entries' CRC-32,
+    the shapes, finite values, rigid poses (orthonormal, det +1) and valid intrinsics. The
+    converter's layout is parsed directly (~30x faster than numpy.load's zipfile path, which is the
+    fallback). Raises ShardError naming ``where`` and, for a bad camera, the view."""
+    K = _stored_npy(data, 0, (num_views, 3, 3), where)
+    c2w = _stored_npy(data, K[1], (num_views, 4, 4), where) if K is not None else None
+    if c2w is not None:
+        K, c2w = K[0], c2w[0]
+    else:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                K, c2w = npz['K'], npz['c2w']
+        except Exception as e:  # not a zip, bad CRC-32, missing array
+            raise ShardError(f'{where}: unreadable {CAMERAS} ({type(e).__name__}: {e})') from None
+    if K.shape != (num_views, 3, 3) or c2w.shape != (num_views, 4, 4):
+        raise ShardError(f'{where}: {CAMERAS} holds K {list(K.shape)} and c2w {list(c2w.shape)} '
+                         f'for {num_views} views')
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return npz['K'], npz['c2w']
-    except Exception as e:
-        raise ShardError(f'{where}: unreadable cameras.npz ({e})') from None
-
-
-def decode_scene(sample: dict[str, Any], views: Sequence[int] | None = None,
-                 extras: Sequence[str] = (), decode_images: bool = True) -> Scene:
-    """Decode one sample. ``views`` None decodes every view; ``extras`` names extra kinds to decode."""
-    key, url = sample.get('__key__', '?'), sample.get('__url__', '')
-    where = f'{url}: sample {key}'
-    try:
-        meta = json.loads(sample[META])
-        V = meta['num_views']
-        K, c2w = load_cameras(sample[CAMERAS], f'{where} {CAMERAS}', V)
-        views = list(range(V)) if views is None else [int(v) for v in views]
-        images = None
-        if decode_images:
-            images = np.stack([decode_png(sample[rgb_member(v)], 3) for v in views])
-        out_extras = {}
-        for kind in extras:
-            arrays = []
-            for v in views:
-                png = sample.get(extra_member(kind, v, 'png'))
-                arrays.append(decode_png(png) if png is not None else
-                              np.load(io.BytesIO(sample[extra_member(kind, v, 'npy')]),
-                                      allow_pickle=False))
-            out_extras[kind] = np.stack(arrays)
-    except ShardError:
+        cameras.check_intrinsics(K)
+        cameras.check_pose(c2w, 'c2w')
+    except ValueError:
+        for v in range(num_views):  # name the first bad view
+            try:
+                cameras.check_intrinsics(K[v])
+                cameras.check_pose(c2w[v], 'c2w')
+            except ValueError as e:
+                raise ShardError(f'{where} view {v}: bad camera in {CAMERAS}: {e}') from None
         raise
-    except Exception as e:  # missing member, corrupt PNG or JSON
-        raise ShardError(f'{where}: {type(e).__name__}: {e}') from None
-    if images is not None and images.shape[1:3] != (meta['height'], meta['width']):
-        raise ShardError(f'{where}: image size {images.shape[1:3]} != meta '
-                         f'{(meta["height"], meta["width"])}')
-    return Scene(key=key, meta=meta, K=K, c2w=c2w, views=views, images=images, extras=out_extras,
-                 url=url)
+    return K, c2w
+
+
+# ----------------------------------------------------------------------------- one scene
+
+class Scene:
+    """One shard sample: metadata and cameras parsed and checked at once, each view's pixels decoded
+    on first use and kept (all the items of a scene share them).
+
+    ``key``, ``url``, ``meta`` (the ``meta.json`` dict), ``num_views``, ``height``, ``width``;
+    ``K`` [V, 3, 3] float64 intrinsics in pixels (pixel centres at +0.5) and ``c2w`` [V, 4, 4]
+    float64 world_from_cam with OpenCV axes (both read-only).
+    """
+
+    def __init__(self, sample: dict[str, Any]):
+        self.sample = sample
+        self.key: str = sample.get('__key__', '?')
+        self.url: str = sample.get('__url__', '')
+        self.where = f'{self.url or "?"}: sample {self.key}'
+        if META not in sample:
+            raise ShardError(f'{self.where}: no {META} member')
+        try:
+            meta = json.loads(sample[META])
+            num_views, height, width = (int(meta[k]) for k in ('num_views', 'height', 'width'))
+        except Exception as e:  # bad JSON, a missing field
+            raise ShardError(f'{self.where}: unreadable {META} ({type(e).__name__}: {e})') from None
+        if CAMERAS not in sample:
+            raise ShardError(f'{self.where}: no {CAMERAS} member')
+        self.K, self.c2w = load_cameras(sample[CAMERAS], self.where, num_views)
+        self.meta: dict[str, Any] = meta
+        self.num_views, self.height, self.width = num_views, height, width
+        # Decoded views live in one [V, h, w, c] array, so that sampled pixels of many views are one
+        # gather (a loop over views cost 10x more than the decoding, for NMR).
+        self._pixels: np.ndarray | None = None
+        self._decoded = [False] * num_views
+        self._extras: dict[tuple[str, int], np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f'Scene({self.key!r}, {self.num_views} views of {self.height}x{self.width})'
+
+    def image(self, view: int) -> np.ndarray:
+        """[h, w, 3] uint8 RGB of ``view`` (alpha dropped, as the reference loaders do; a view into
+        the scene's pixels, not a copy)."""
+        if not 0 <= view < self.num_views:
+            raise IndexError(f'{self.where}: no view {view} (it has {self.num_views})')
+        if not self._decoded[view]:
+            self._decode(view)
+        return self._pixels[view, ..., :3]
+
+    def images(self, views: Sequence[int] | None = None) -> np.ndarray:
+        """[n, h, w, 3] uint8 RGB of ``views`` (every view by default), a new array."""
+        views = range(self.num_views) if views is None else views
+        out = [self.image(int(v)) for v in views]
+        return np.stack(out) if out else np.empty((0, self.height, self.width, 3), np.uint8)
+
+    def gather(self, views: Sequence[int], flat: np.ndarray) -> np.ndarray:
+        """Pixels [p, 3] uint8 at ``flat`` indices into the concatenated row-major pixels of
+        ``views`` (index = position in ``views`` * h * w + row * w + column)."""
+        for v in views:
+            self.image(v)
+        hw = self.height * self.width
+        view_of, rem = np.divmod(flat, hw)
+        index = np.asarray(views, np.int64)[view_of] * hw + rem
+        c = self._pixels.shape[-1]
+        return np.ascontiguousarray(np.take(self._pixels.reshape(-1, c), index, axis=0)[:, :3])
+
+    def extra(self, kind: str, view: int) -> np.ndarray:
+        """The ``kind`` extra of ``view`` (e.g. 'category'): a PNG's own channels [h, w, c] or the
+        stored npy array [h, w, ...]."""
+        if (kind, view) not in self._extras:
+            png = self.sample.get(extra_member(kind, view, 'png'))
+            npy = self.sample.get(extra_member(kind, view, 'npy'))
+            if png is None and npy is None:
+                raise ShardError(f'{self.where} view {view}: no {kind} member')
+            try:
+                arr = decode_png(png) if png is not None else \
+                    np.load(io.BytesIO(npy), allow_pickle=False)
+            except Exception as e:
+                raise ShardError(f'{self.where} view {view}: undecodable {kind} '
+                                 f'({type(e).__name__}: {e})') from None
+            if arr.shape[:2] != (self.height, self.width):
+                raise ShardError(f'{self.where} view {view}: {kind} size {list(arr.shape[:2])} '
+                                 f'!= image size {[self.height, self.width]}')
+            self._extras[kind, view] = arr
+        return self._extras[kind, view]
+
+    def decode(self, views: Sequence[int] | None = None, extras: Sequence[str] = ()) -> 'Scene':
+        """Decode ``views`` (all by default) and their ``extras`` now; returns the scene."""
+        for v in range(self.num_views) if views is None else views:
+            self.image(int(v))
+            for kind in extras:
+                self.extra(kind, int(v))
+        return self
+
+    def _decode(self, view: int) -> None:
+        name = rgb_member(view)
+        data = self.sample.get(name)
+        if data is None:
+            raise ShardError(f'{self.where} view {view}: no {name} member')
+        try:
+            # RGBA stays RGBA here: dropping alpha is a strided copy as slow as half a decode.
+            img = decode_png(data)
+            if img.dtype != np.uint8 or img.shape[-1] not in (3, 4):
+                img = decode_png(data, 3)
+        except Exception as e:
+            raise ShardError(f'{self.where} view {view}: undecodable PNG {name} '
+                             f'({type(e).__name__}: {e})') from None
+        if img.dtype != np.uint8:
+            raise ShardError(f'{self.where} view {view}: {img.dtype} pixels in {name} (8-bit '
+                             'RGB or RGBA expected)')
+        if img.shape[:2] != (self.height, self.width):
+            raise ShardError(f'{self.where} view {view}: image size {list(img.shape[:2])} != '
+                             f'{META} size {[self.height, self.width]}')
+        self._store(view, img)
+
+    def _store(self, view: int, img: np.ndarray) -> None:
+        if self._pixels is None:
+            self._pixels = np.empty((self.num_views, self.height, self.width, img.shape[-1]),
+                                    np.uint8)
+        if img.shape[-1] == self._pixels.shape[-1]:
+            self._pixels[view] = img
+        else:  # RGB and RGBA views in one scene: only RGB is ever read
+            self._pixels[view, ..., :3] = img[..., :3]
+        self._decoded[view] = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into and out of DataLoader workers: only the decoded views' pixels travel.
+        state = dict(self.__dict__)
+        if self._pixels is not None:
+            state['_pixels'] = {v: self._pixels[v] for v in range(self.num_views) if self._decoded[v]}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pixels = state.pop('_pixels')
+        self.__dict__.update(state, _pixels=None, _decoded=[False] * state['num_views'])
+        for v, img in (pixels or {}).items():
+            self._store(v, img)

@@ -69,6 +69,19 @@ def extra_member(kind: str, view: int, ext: str) -> str:
     return f'{kind}_{view:03d}.{ext}'
 
 
+_RGB_MEMBER = re.compile(rf'{RGB_PREFIX}_(\d{{3,}})\.png')
+
+
+def rgb_view(member: str) -> int | None:
+    """The view index of an RGB member name, None for any other member.
+
+    >>> rgb_view('rgb_012.png'), rgb_view('category_012.png'), rgb_view('meta.json')
+    (12, None, None)
+    """
+    m = _RGB_MEMBER.fullmatch(member)
+    return int(m.group(1)) if m else None
+
+
 def scene_key(dataset: str, split: str, scene_id) -> str:
     """Stable unique sample key without dots, e.g. ``nmr_train_02958343-scene00007``."""
     return _KEY_UNSAFE.sub('-', f'{dataset}_{split}_{scene_id}')

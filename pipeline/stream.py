@@ -6,9 +6,9 @@ patterns (``shards/msn/train-{000000..000099}.tar``) or ``pipe:`` URLs for objec
 are module-level generator functions (picklable into DataLoader workers):
 
     shard urls -> [shuffle / resample] -> split by node -> split by worker -> tar_samples
-               -> [sample shuffle buffer] -> decode (only the views asked for)
+               -> [sample shuffle buffer] -> Scene (checked; the views asked for decoded)
 
-``tar_samples`` replaces WebDataset's ``tarfile_samples``: Python's tarfile costs ~20 us per member
+Samples are parsed by ``pipeline.reader`` only. ``tar_samples`` replaces WebDataset's ``tarfile_samples``: Python's tarfile costs ~20 us per member
 (as much as decoding a 64x64 PNG, and our scenes have 10-30 members); ``pipeline.tario`` parses
 ustar headers directly (measured in tools/bench_loader.py).
 """
@@ -17,14 +17,13 @@ from __future__ import annotations
 import functools
 import os
 import random
-import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
 from braceexpand import braceexpand
 
 from pipeline import tario
-from pipeline.reader import Scene, ShardError, decode_scene, read_manifest
+from pipeline.reader import Scene, ShardError, iter_shard, shard_urls
 
 
 def shard_list(source: str | Sequence[str], split: str | None = None) -> list[str]:
@@ -38,8 +37,7 @@ def shard_list(source: str | Sequence[str], split: str | None = None) -> list[st
     if not source.startswith('pipe:') and os.path.isdir(source):
         if split is None:
             raise ValueError(f'{source} is a shard directory: name the split')
-        manifest = read_manifest(source, split)
-        return [os.path.join(source, s['name']) for s in manifest['shards']]
+        return shard_urls(source, split)
     urls = list(braceexpand(source))
     for u in urls:
         if not u.startswith(('pipe:', 'http://', 'https://')) and not os.path.exists(u):
@@ -47,37 +45,8 @@ def shard_list(source: str | Sequence[str], split: str | None = None) -> list[st
     return urls
 
 
-def open_url(url: str):
-    """A binary stream for a local path, ``pipe:`` command, or http(s) URL (WebDataset's gopen)."""
-    return wds.gopen(url, 'rb')
-
-
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, as WebDataset-style dicts of member bytes (fast tar parsing)."""
-    stream = open_url(url)
-    try:
-        sample: dict[str, Any] = {}
-        for name, data, _ in tario.iter_members(stream, url):
-            key, member = tario.split_key(name)
-            if sample and sample['__key__'] != key:
-                yield sample
-                sample = {}
-            if not sample:
-                sample = {'__key__': key, '__url__': url}
-            sample[member] = data
-        if sample:
-            yield sample
-    finally:
-        stream.close()
-
-
 def reraise(exn: Exception) -> bool:
     raise exn
-
-
-def warn_and_continue(exn: Exception) -> bool:
-    print(f'warning: skipping unreadable shard data: {exn}', file=sys.stderr)
-    return True
 
 
 def tar_samples(src: Iterable[dict[str, Any] | str], handler: Callable[[Exception], bool] = reraise
@@ -99,10 +68,11 @@ def tar_samples(src: Iterable[dict[str, Any] | str], handler: Callable[[Exceptio
 def decode_samples(src: Iterable[dict[str, Any]], views: Sequence[int] | None = None,
                    extras: Sequence[str] = (),
                    handler: Callable[[Exception], bool] = reraise) -> Iterator[Scene]:
-    """Pipeline stage: sample dicts -> ``Scene`` records (uint8 images of ``views`` only)."""
+    """Pipeline stage: sample dicts -> ``Scene`` records, checked, with ``views`` (all by default)
+    and their ``extras`` decoded here (in the worker); other views decode on first use."""
     for sample in src:
         try:
-            yield decode_scene(sample, views=views, extras=extras)
+            yield Scene(sample).decode(views, extras)
         except ShardError as exn:
             if not handler(exn):
                 return
@@ -112,11 +82,14 @@ def scene_stream(source: str | Sequence[str], split: str | None = None, *, shuff
                  resample: bool = False, buffer: int = 64, views: Sequence[int] | None = None,
                  extras: Sequence[str] = (), seed: int = 0,
                  handler: Callable[[Exception], bool] = reraise) -> wds.DataPipeline:
-    """A WebDataset pipeline of decoded ``Scene`` records, split across DDP ranks and DataLoader
-    workers (use it as a DataLoader's dataset with ``batch_size=None`` or your own collation).
+    """A WebDataset pipeline of checked ``Scene`` records (``pipeline.reader``), split across DDP
+    ranks and DataLoader workers (use it as a DataLoader's dataset with ``batch_size=None`` or your
+    own collation).
 
     ``shuffle``: shuffle shard order (seeded) and samples through a ``buffer``-scene buffer;
-    ``resample``: draw shards with replacement forever (training); ``views``: decode only these.
+    ``resample``: draw shards with replacement forever (training); ``views``: decode these in the
+    stream (default all; only decoded views' pixels travel out of DataLoader workers);
+    ``handler(exn) -> bool``: True skips a bad scene or the rest of a bad shard, else it raises.
     """
     urls = shard_list(source, split)
     if resample:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from pipeline import cameras, tario
-from pipeline.reader import ShardError, decode_scene, read_manifest
+from pipeline import tario
+from pipeline.reader import Scene, ShardError, iter_shard, read_manifest
+from pipeline.schema import rgb_view
 
 
 def splits_in(directory: str) -> list[str]:
@@ -23,27 +23,11 @@ def splits_in(directory: str) -> list[str]:
     return sorted(found, key=lambda s: (order.get(s, 3), s))
 
 
-def iter_samples(path: str) -> Iterator[dict[str, Any]]:
-    """WebDataset-style sample dicts of one shard, with the fast tar iterator."""
-    sample: dict[str, Any] = {}
-    with open(path, 'rb') as f:
-        for name, data, _ in tario.iter_members(f, path):
-            key, member = tario.split_key(name)
-            if sample and sample['__key__'] != key:
-                yield sample
-                sample = {}
-            sample.setdefault('__key__', key)
-            sample['__url__'] = path
-            sample[member] = data
-    if sample:
-        yield sample
-
-
 def summarize(directory: str) -> list[dict[str, Any]]:
     rows = []
     for split in splits_in(directory):
         m = read_manifest(directory, split)
-        views = sum(1 for n in m['members'] if n.startswith('rgb_'))
+        views = sum(1 for n in m['members'] if rgb_view(n) is not None)
         rows.append({'split': split, 'scenes': m['num_scenes'], 'views_per_scene': views,
                      'shards': len(m['shards']), 'bytes': m['bytes'],
                      'schema_version': m['schema_version'], 'dataset': m['dataset'],
@@ -54,7 +38,8 @@ def summarize(directory: str) -> list[dict[str, Any]]:
 def verify(directory: str, progress: bool = True) -> list[str]:
     """Check every shard against its manifest and every sample's content. Returns the problems
     found (empty when the directory is sound): sha256 and size per shard, member set and key
-    uniqueness per sample, every PNG decodes to the size in meta.json, cameras finite and valid."""
+    uniqueness per sample, and what ``pipeline.reader.Scene`` checks: cameras (CRC-32, finite,
+    rigid), every PNG and extra decoding to the image size."""
     from tqdm import tqdm
     problems = []
     for split in splits_in(directory):
@@ -74,7 +59,7 @@ def verify(directory: str, progress: bool = True) -> list[str]:
                 problems.append(f'{path}: sha256/size differ from {split}.manifest.json')
             n = 0
             try:
-                for sample in iter_samples(path):
+                for sample in iter_shard(path):
                     n += 1
                     problems += _check_sample(sample, m, seen)
                     bar.update(1)
@@ -100,25 +85,13 @@ def _check_sample(sample: dict, manifest: dict, seen: set) -> list[str]:
     if sorted(members) != sorted(manifest['members']):
         out.append(f'{where}: members {sorted(members)} != manifest {sorted(manifest["members"])}')
         return out
-    try:
-        extras = json.loads(sample['meta.json']).get('extras', [])
-        scene = decode_scene(sample, extras=extras)
+    try:  # the reader checks the cameras, every PNG against the image size, every extra
+        scene = Scene(sample)
+        scene.decode(None, scene.meta.get('extras', []))
     except ShardError as e:
         return out + [str(e)]
-    meta = scene.meta
-    if meta.get('schema_version') != manifest['schema_version']:
-        out.append(f'{where}: meta schema_version {meta.get("schema_version")}')
-    V = meta['num_views']
-    if scene.K.shape != (V, 3, 3) or scene.c2w.shape != (V, 4, 4):
-        out.append(f'{where}: cameras K {scene.K.shape} c2w {scene.c2w.shape} for {V} views')
-    try:
-        cameras.check_intrinsics(scene.K)
-        cameras.check_pose(scene.c2w)
-    except ValueError as e:
-        out.append(f'{where}: bad camera: {e}')
-    for kind, arr in scene.extras.items():
-        if arr.shape[1:3] != (meta['height'], meta['width']):
-            out.append(f'{where}: {kind} size {arr.shape[1:3]} != image size')
+    if scene.meta.get('schema_version') != manifest['schema_version']:
+        out.append(f'{where}: meta schema_version {scene.meta.get("schema_version")}')
     return out
 
 
@@ -130,12 +103,11 @@ def contact_sheet(directory: str, out_path: str, num_scenes: int = 8, split: str
     m = read_manifest(directory, split)
     rows = []
     for shard in m['shards']:
-        for sample in iter_samples(os.path.join(directory, shard['name'])):
-            scene = decode_scene(sample)
-            h, w = scene.images.shape[1:3]
-            size = (max(1, round(w * thumb / h)), thumb)
+        for sample in iter_shard(os.path.join(directory, shard['name'])):
+            scene = Scene(sample)
+            size = (max(1, round(scene.width * thumb / scene.height)), thumb)
             rows.append(np.concatenate([np.asarray(Image.fromarray(im).resize(size))
-                                        for im in scene.images], axis=1))
+                                        for im in scene.images()], axis=1))
             if len(rows) >= num_scenes:
                 break
         if len(rows) >= num_scenes:

@@ -1,6 +1,7 @@
 """SRT examples from shard scenes, exactly as the reference loaders build them.
 
-An *item* is one model input: k input views and target rays. Per dataset (see REFERENCE.md):
+An *item* is one model input: k input views and target rays, built from a ``pipeline.reader.Scene``.
+Per dataset (the reference's loaders: stelzner/srt ``srt/data/{nmr,obsurf,multishapenet}.py``):
 
 - ``nmr``: one input view, the targets are the other views in increasing order; an epoch of the
   reference enumerates every (scene, input view) pair, so a scene yields one item per input view.
@@ -30,9 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import cameras
-from pipeline.decode import decode_png
-from pipeline.reader import ShardError, load_cameras
-from pipeline.schema import rgb_member
+from pipeline.reader import Scene
 
 NUM_MSN_INPUT_VIEWS = 5
 
@@ -82,66 +81,6 @@ def key_seed(key: str, seed: int = 0) -> list[int]:
 
 # ----------------------------------------------------------------------------- per scene
 
-class SceneSource:
-    """One shard sample, decoded lazily: metadata and cameras at once, each view's pixels on first
-    use (a scene's items share them)."""
-
-    def __init__(self, sample: dict[str, Any]):
-        import json
-        self.sample = sample
-        self.key = sample['__key__']
-        where = f'{sample.get("__url__", "?")}: sample {self.key}'
-        try:
-            self.meta = json.loads(sample['meta.json'])
-            self.num_views = self.meta['num_views']
-            self.K, self.c2w = load_cameras(sample['cameras.npz'], where, self.num_views)
-        except ShardError:
-            raise
-        except Exception as e:
-            raise ShardError(f'{where}: {type(e).__name__}: {e}') from None
-        self.height, self.width = self.meta['height'], self.meta['width']
-        self.where = where
-        # Decoded views live in one [V, h, w, 3] array, so that sampled target pixels of many
-        # views are one gather (a loop over views cost 10x more than the decoding, for NMR).
-        self._pixels: np.ndarray | None = None
-        self._decoded = [False] * self.num_views
-
-    def image(self, view: int) -> np.ndarray:
-        """[h, w, 3] uint8 RGB (alpha dropped as the reference does; a view, not a copy)."""
-        if not self._decoded[view]:
-            try:
-                # RGBA stays RGBA here: dropping alpha is a strided copy as slow as half a decode.
-                img = decode_png(self.sample[rgb_member(view)])
-                if img.dtype != np.uint8 or img.shape[-1] not in (3, 4):
-                    img = decode_png(self.sample[rgb_member(view)], 3)
-            except Exception as e:
-                raise ShardError(f'{self.where} view {view}: {type(e).__name__}: {e}') from None
-            if img.shape[:2] != (self.height, self.width):
-                raise ShardError(f'{self.where} view {view}: image {img.shape[:2]} != meta size')
-            if self._pixels is None:
-                self._pixels = np.empty((self.num_views, self.height, self.width, img.shape[-1]),
-                                        np.uint8)
-            if img.shape[-1] == self._pixels.shape[-1]:
-                self._pixels[view] = img
-            else:  # RGB and RGBA views in one scene: only RGB is ever read
-                self._pixels[view, ..., :3] = img[..., :3]
-            self._decoded[view] = True
-        return self._pixels[view, ..., :3]
-
-    def gather(self, views: Sequence[int], flat: np.ndarray) -> np.ndarray:
-        """Pixels [p, 3] uint8 at ``flat`` indices into the concatenated pixels of ``views``."""
-        for v in views:
-            self.image(v)
-        hw = self.height * self.width
-        view_of, rem = np.divmod(flat, hw)
-        index = np.asarray(views, np.int64)[view_of] * hw + rem
-        c = self._pixels.shape[-1]
-        return np.ascontiguousarray(np.take(self._pixels.reshape(-1, c), index, axis=0)[:, :3])
-
-    def num_objects(self) -> int | None:
-        return self.meta.get('source', {}).get('num_objects')
-
-
 def items_per_scene(cfg: DataConfig, num_views: int) -> int:
     return 1 if cfg.dataset == 'msn' else num_views
 
@@ -159,7 +98,7 @@ def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Gene
     return [item], list(range(num_views))  # ObSuRF: the input view is a target too
 
 
-def canonical_transform(cfg: DataConfig, scene: SceneSource, view: int) -> np.ndarray:
+def canonical_transform(cfg: DataConfig, scene: Scene, view: int) -> np.ndarray:
     """canonical_from_world [4, 4] float64 of the first input view (identity without canonical)."""
     if not cfg.canonical_view:
         return np.eye(4)
@@ -167,7 +106,7 @@ def canonical_transform(cfg: DataConfig, scene: SceneSource, view: int) -> np.nd
                                         scene.c2w[view], scene.height, scene.width)
 
 
-def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], targets: Sequence[int],
+def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Sequence[int],
               rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """The compact item (numpy) for the given views; ``rng`` draws the target pixels (None:
     ``cfg.full_scale`` must be set)."""
@@ -207,20 +146,9 @@ def make_item(cfg: DataConfig, scene: SceneSource, inputs: Sequence[int], target
     return item
 
 
-def scene_items(cfg: DataConfig, scene: SceneSource, rngs: Sequence[np.random.Generator | None],
-                items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
-    """Items of a scene (all of them by default), each drawing views/pixels from its own rng."""
-    items = range(items_per_scene(cfg, scene.num_views)) if items is None else items
-    out = []
-    for item, rng in zip(items, rngs):
-        inputs, targets = choose_views(cfg, scene.num_views, item, rng)
-        out.append(make_item(cfg, scene, inputs, targets, rng))
-    return out
-
-
-def keep_scene(cfg: DataConfig, scene: SceneSource) -> bool:
+def keep_scene(cfg: DataConfig, scene: Scene) -> bool:
     """The reference's max_objects filter (ObSuRF)."""
-    n = scene.num_objects()
+    n = scene.meta.get('source', {}).get('num_objects')
     return not (cfg.obsurf and n is not None and n > cfg.max_objects)
 
 

@@ -24,28 +24,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import tario
-from pipeline.reader import ShardError, read_manifest
-from pipeline.stream import iter_shard
-from srt.data import (DataConfig, SceneSource, choose_views, collate, items_per_scene, keep_scene,
-                      key_seed, make_item)
+from pipeline.reader import Scene, ShardError, iter_shard
+from pipeline.reader import shard_table  # noqa: F401  (the trainer's and tools' name for it)
+from srt.data import (DataConfig, choose_views, collate, items_per_scene, keep_scene, key_seed,
+                      make_item)
 
 STATE_VERSION = 1
-
-
-def shard_table(directory: str, split: str, url_template: str | None = None
-                ) -> list[tuple[str, int]]:
-    """[(shard URL, scenes)] of a converted split, from its manifest in ``directory``.
-
-    ``url_template`` streams the shards from elsewhere, e.g. object storage, with ``{name}`` for the
-    shard's file name: ``'pipe:aws s3 cp s3://bucket/msn/{name} -'`` (only the manifests need to be
-    local).
-    """
-    import os
-    manifest = read_manifest(directory, split)
-    if url_template is not None and '{name}' not in url_template:
-        raise ValueError(f'shard URL template {url_template!r} has no {{name}}')
-    return [(url_template.format(name=s['name']) if url_template else
-             os.path.join(directory, s['name']), s['scenes']) for s in manifest['shards']]
 
 
 def _worker() -> tuple[int, int]:
@@ -122,7 +106,7 @@ class TrainStream(IterableDataset):
         chosen = rng.choice(len(self.shards), n, replace=False)
         active = [iter_shard(self.shards[i][0]) for i in chosen]
         urls = [self.shards[i][0] for i in chosen]
-        buffer: list[tuple[SceneSource, int]] = []
+        buffer: list[tuple[Scene, int]] = []
         pos, bad = 0, 0
 
         def emit(entry):
@@ -145,7 +129,7 @@ class TrainStream(IterableDataset):
             j = int(rng.integers(len(active)))
             try:
                 sample = next(active[j])
-                scene = SceneSource(sample)
+                scene = Scene(sample)
             except StopIteration:
                 del active[j], urls[j]
                 continue
@@ -170,7 +154,7 @@ class TrainStream(IterableDataset):
         if bad:
             yield pos, None, bad
 
-    def _item(self, scene: SceneSource, item: int, rng: np.random.Generator) -> dict:
+    def _item(self, scene: Scene, item: int, rng: np.random.Generator) -> dict:
         inputs, targets = choose_views(self.cfg, scene.num_views, item, rng)
         out = make_item(self.cfg, scene, inputs, targets, rng)
         out['scene_key'] = scene.key
@@ -270,7 +254,7 @@ class EvalStream(IterableDataset):
             for n, sample in enumerate(iter_shard(url)):
                 if n >= limit:
                     return
-                scene = SceneSource(sample)
+                scene = Scene(sample)
                 if not keep_scene(self.cfg, scene):
                     continue
                 for item in range(items_per_scene(self.cfg, scene.num_views)):
@@ -304,7 +288,7 @@ def fixed_items(cfg: DataConfig, shards: Sequence[tuple[str, int]], num_scenes: 
     items = []
     for url, _ in shards:
         for sample in iter_shard(url):
-            scene = SceneSource(sample)
+            scene = Scene(sample)
             if not keep_scene(cfg, scene):
                 continue
             rng = np.random.default_rng(key_seed(scene.key, seed))

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from pipeline import cameras
-from srt.data import SceneSource, choose_views, collate, key_seed, make_item, to_model_inputs
+from pipeline.reader import Scene
+from srt.data import choose_views, collate, key_seed, make_item, to_model_inputs
 from srt.renderer import render_image
 
 MOTIONS = ('rotate', 'zoom', 'closeup', 'rotate_and_closeup', 'eyeroll')
@@ -101,7 +102,7 @@ def write_video(frames: list[np.ndarray], path: str, fps: int = 30) -> str:
 
 
 @torch.no_grad()
-def render_motion(model, scene: SceneSource, data_cfg, motion: str, num_frames: int, out_dir: str,
+def render_motion(model, scene: Scene, data_cfg, motion: str, num_frames: int, out_dir: str,
                   height: int | None = None, width: int | None = None, fade: bool = False,
                   device='cpu', render_kwargs=None, seed: int = 0, autocast=contextlib.nullcontext,
                   chunk: int = 16384) -> dict[str, str]:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     index = SceneIndex(args.shards, args.split)
     scene_ref = int(args.scene) if args.scene.isdigit() else args.scene
     try:
-        scene = SceneSource(index.read_sample(scene_ref))
+        scene = index.read(scene_ref)
     except KeyError as e:
         print(f'error: {e.args[0]}', file=sys.stderr)
         return 2

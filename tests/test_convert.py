@@ -15,8 +15,8 @@ import pytest
 from pipeline import cameras, tario
 from pipeline.convert import ConvertConfig, convert
 from pipeline.index import SceneIndex, read_scene
-from pipeline.reader import decode_scene, shard_urls
-from pipeline.verify import iter_samples, verify
+from pipeline.reader import Scene, iter_shard, shard_urls
+from pipeline.verify import verify
 from tests.conftest import ROOT, TESTVECTORS
 
 SRC = TESTVECTORS / 'sources'
@@ -37,7 +37,7 @@ def cli(tool, *args, check=True):
 
 
 def all_samples(out, split):
-    return [s for url in shard_urls(str(out), split) for s in iter_samples(url)]
+    return [s for url in shard_urls(str(out), split) for s in iter_shard(url)]
 
 
 def tree_bytes(out) -> dict:
@@ -76,7 +76,7 @@ def test_nmr_shards_verify_reproduce_reference_rays_and_keep_png_bytes(tmp_path)
         _, d = cameras.image_rays(scene.K[v], scene.c2w[v], 64, 64)
         assert np.abs(d - ref['input_rays'][0]).max() <= 1e-5
         assert np.abs(scene.c2w[v, :3, 3] - ref['input_camera_pos'][0]).max() <= 1e-5
-        np.testing.assert_array_equal(scene.images[v].transpose(2, 0, 1) / np.float32(255),
+        np.testing.assert_array_equal(scene.image(v).transpose(2, 0, 1) / np.float32(255),
                                       ref['input_images'][0])
     for sample in all_samples(tmp_path, 'val'):
         meta = json.loads(sample['meta.json'])
@@ -119,12 +119,12 @@ def test_msn_shards_reproduce_sunds_rays_and_keep_png_bytes(tmp_path):
     assert sorted(index.keys()) == ['msn_train_scene_7', 'msn_train_scene_8']
     for name in ('scene_7', 'scene_8'):
         sample = index.read_sample(f'msn_train_{name}')
-        scene = decode_scene(sample)
+        scene = Scene(sample)
         ref = np.load(REF / f'msn_train_{name}_sunds_world_rays.npz')
         o, d = cameras.image_rays(scene.K, scene.c2w, 128, 128)
         assert np.abs(d - ref['ray_directions']).max() <= 1e-5
         assert np.abs(o - ref['ray_origins']).max() <= 1e-5
-        np.testing.assert_array_equal(scene.images, ref['color_image'])
+        np.testing.assert_array_equal(scene.images(), ref['color_image'])
         for v in range(10):
             cam = raw[name]['cameras'][f'camera_{v}']
             assert sample[f'rgb_{v:03d}.png'] == cam['color_image']
@@ -232,7 +232,7 @@ def test_baked_rays_equal_the_camera_rays(tmp_path):
     run_convert('clevr3d', SRC / 'clevr3d', tmp_path, splits=['test'], bake_rays=True)
     sample = all_samples(tmp_path, 'test')[0]
     rays = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(sample['rays.npy.zst'])))
-    scene = decode_scene(sample)
+    scene = Scene(sample)
     _, d = cameras.image_rays(scene.K, scene.c2w, 240, 320)
     assert rays.dtype == np.float32 and rays.shape == (3, 240, 320, 3)
     assert np.abs(rays - d).max() <= 1e-6

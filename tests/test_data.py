@@ -7,7 +7,8 @@ import torch
 
 from pipeline.convert import ConvertConfig, convert
 from pipeline.index import SceneIndex
-from srt.data import DataConfig, SceneSource, collate, make_item, to_model_inputs
+from pipeline.reader import Scene
+from srt.data import DataConfig, collate, make_item, to_model_inputs
 from tests.conftest import TESTVECTORS
 
 REF = TESTVECTORS / 'reference'
@@ -44,7 +45,7 @@ def _cases():
 def test_batch_equals_reference(shards, dataset, key, inputs, canonical, ref_name):
     ref = np.load(REF / ref_name)
     cfg = DataConfig(dataset=dataset, canonical_view=canonical, full_scale=True)
-    scene = SceneSource(SceneIndex(str(shards / dataset), 'train').read_sample(key))
+    scene = Scene(SceneIndex(str(shards / dataset), 'train').read_sample(key))
     V = scene.num_views
     targets = ([v for v in range(V) if v not in inputs] if dataset != 'clevr3d' else list(range(V)))
     batch = to_model_inputs(collate([make_item(cfg, scene, inputs, targets, None)]))
@@ -63,7 +64,7 @@ def test_batch_equals_reference(shards, dataset, key, inputs, canonical, ref_nam
 
 def test_sampled_targets_are_without_replacement_and_consistent(shards):
     cfg = DataConfig(dataset='msn', num_points=3000)
-    scene = SceneSource(SceneIndex(str(shards / 'msn'), 'train').read_sample('msn_train_scene_7'))
+    scene = Scene(SceneIndex(str(shards / 'msn'), 'train').read_sample('msn_train_scene_7'))
     rng = np.random.default_rng(0)
     item = make_item(cfg, scene, [3, 0, 7, 9, 1], [2, 4, 5, 6, 8], rng)
     flat = (item['target_view'].astype(int) * 128 + item['target_uv'][:, 1]) * 128 + item['target_uv'][:, 0]
@@ -78,7 +79,7 @@ def test_sampled_targets_are_without_replacement_and_consistent(shards):
 
 def test_clevr_downsample_takes_every_second_pixel_from_one(shards):
     index = SceneIndex(str(shards / 'clevr3d'), 'train')
-    scene = SceneSource(index.read_sample('clevr3d_train_0'))
+    scene = Scene(index.read_sample('clevr3d_train_0'))
     full = to_model_inputs(collate([make_item(DataConfig('clevr3d', full_scale=True), scene, [1],
                                               [0, 1, 2], None)]))
     half = to_model_inputs(collate([make_item(DataConfig('clevr3d', full_scale=True, downsample=1),
@@ -92,7 +93,7 @@ def test_clevr_downsample_takes_every_second_pixel_from_one(shards):
 def test_msn_input_view_count_and_downsample_are_configurable(shards):
     cfg = DataConfig.from_yaml({'dataset': 'msn', 'num_points': 16,
                                 'kwargs': {'num_input_views': 3, 'downsample': 1}})
-    scene = SceneSource(SceneIndex(str(shards / 'msn'), 'train').read_sample('msn_train_scene_8'))
+    scene = Scene(SceneIndex(str(shards / 'msn'), 'train').read_sample('msn_train_scene_8'))
     from srt.data import choose_views
     inputs, targets = choose_views(cfg, 10, 0, np.random.default_rng(0))
     assert len(inputs) == 3 and sorted(inputs + targets) == list(range(10))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.index import SceneIndex
-from srt.data import DataConfig, SceneSource
+from pipeline.reader import Scene
+from srt.data import DataConfig
 from srt.model import ModelConfig, SRT
 from srt.render import MOTIONS, render_motion
 from tests.conftest import ROOT
@@ -43,7 +44,7 @@ def test_every_motion_renders_a_clip(nmr_shards, tmp_path, decoder):  # noqa: F8
     small = {'pos_start_octave': -5, 'num_att_blocks': 1}
     model = SRT(ModelConfig(encoder_kwargs={**small, 'num_conv_blocks': 3}, decoder=decoder,
                             decoder_kwargs=small))
-    scene = SceneSource(SceneIndex(str(nmr_shards), 'val').read_sample(0))
+    scene = Scene(SceneIndex(str(nmr_shards), 'val').read_sample(0))
     kwargs = {'min_dist': 2.0, 'max_dist': 4.0, 'num_coarse_samples': 4, 'num_fine_samples': 2} \
         if decoder == 'nerf' else {}
     for motion in (MOTIONS if decoder == 'lightfield' else ('rotate',)):

@@ -151,10 +151,10 @@ def test_generic_scene_stream_directory_braces_pipe_and_views(seven_shards):
     pattern = os.path.join(directory, 'train-{000000..000003}.tar')
     assert shard_list(pattern) == shard_list(directory, 'train')
     scenes = list(scene_stream(pattern, shuffle=False, views=[0, 5]))
-    assert len(scenes) == 10 and scenes[0].images.shape == (2, 64, 64, 3)
+    assert len(scenes) == 10 and scenes[0].images([0, 5]).shape == (2, 64, 64, 3)
     piped = list(scene_stream([f'pipe:cat {u}' for u, _ in seven_shards[3:]], shuffle=False))
     assert [s.key for s in piped] == [s.key for s in scenes]
-    np.testing.assert_array_equal(piped[0].images[[0, 5]], scenes[0].images)
+    np.testing.assert_array_equal(piped[0].images([0, 5]), scenes[0].images([0, 5]))
     # Split across DataLoader workers: each scene once, shuffled order is seeded.
     dl = torch.utils.data.DataLoader(scene_stream(directory, 'train', buffer=4, seed=3),
                                      batch_size=None, num_workers=2, collate_fn=lambda s: s)

@@ -71,10 +71,10 @@ def timed(fn, seconds: float) -> float:
 
 def decode_only(shards: str):
     from pipeline.decode import decode_png
-    from pipeline.reader import shard_urls
-    from pipeline.verify import iter_samples
-    pngs = [[v for k, v in s.items() if k.startswith('rgb_')]
-            for url in shard_urls(shards, 'train') for s in iter_samples(url)]
+    from pipeline.reader import iter_shard, shard_urls
+    from pipeline.schema import rgb_view
+    pngs = [[v for k, v in s.items() if rgb_view(k) is not None]
+            for url in shard_urls(shards, 'train') for s in iter_shard(url)]
 
     def run():
         for scene in pngs[:40]:

@@ -39,14 +39,12 @@ def mean_training_image(shards: str) -> 'np.ndarray':
     import numpy as np
     from tqdm import tqdm
 
-    from pipeline.reader import shard_urls
-    from pipeline.verify import iter_samples
-    from srt.data import SceneSource
+    from pipeline.reader import Scene, iter_shard, shard_urls
     total, count = None, 0
     urls = shard_urls(shards, 'train')
     for url in tqdm(urls, desc='mean training image', unit='shard'):
-        for sample in iter_samples(url):
-            scene = SceneSource(sample)
+        for sample in iter_shard(url):
+            scene = Scene(sample)
             for v in range(scene.num_views):
                 img = scene.image(v).astype(np.float64)
                 total = img if total is None else total + img
