@@ -87,7 +87,7 @@ srt-shards (a ten-line reader with `tarfile`, numpy and an image library, and th
 
 ```python
 import webdataset as wds
-ds = wds.WebDataset("{example}")
+ds = wds.WebDataset("{example}", shardshuffle=False).decode("rgb")  # float32 RGB in [0, 1]
 ```
 
 ## Licence

@@ -111,22 +111,20 @@ class SceneIndex:
             self._check_shard(loc['shard'], url, os.fstat(f.fileno()).st_size)
             f.seek(loc['offset'])
             buf = f.read(loc['size'])
-        stale = (f'{index_path(self.directory, self.split)}: index does not match shard {url} '
-                 f'(replaced after indexing? rebuild the index with the converter\'s --finalize)')
         sample: dict[str, Any] = {'__key__': key, '__url__': url}
         try:
             for name, data in tario.iter_members_bytes(buf, f'{url} at byte {loc["offset"]}',
                                                        require_end=False):
                 member_key, member = tario.split_key(name)
                 if member_key != key:
-                    raise ShardError(f'{stale}: the member at the indexed bytes is {name!r}, not '
-                                     f'of scene {key!r}')
+                    raise self._mismatch(url, f'the member at the indexed bytes is {name!r}, not '
+                                              f'one of scene {key!r}')
                 sample[member] = data
         except tario.TarFormatError as e:
-            raise ShardError(f'{stale}: {e}') from None
+            raise self._mismatch(url, str(e)) from None
         if len(buf) != loc['size'] or len(sample) == 2:
-            raise ShardError(f'{stale}: scene {key!r} should be {loc["size"]} bytes at byte '
-                             f'{loc["offset"]}, found {len(buf)}')
+            raise self._mismatch(url, f'scene {key!r} should be {loc["size"]} bytes at byte '
+                                      f'{loc["offset"]}, found {len(buf)}')
         return sample
 
     def _check_shard(self, name: str, url: str, size: int) -> None:
@@ -137,11 +135,8 @@ class SceneIndex:
         if value is None:
             return
         indexed = json.loads(value)
-        stale = f'{index_path(self.directory, self.split)}: index does not match shard {url}'
         if size != indexed['bytes']:
-            raise ShardError(f'{stale}: {size} bytes now, {indexed["bytes"]} when indexed '
-                             '(replaced after indexing? rebuild the index with the converter\'s '
-                             '--finalize)')
+            raise self._mismatch(url, f'{size} bytes now, {indexed["bytes"]} when indexed')
         if self._manifest_sha is None:
             self._manifest_sha = {}
             path = os.path.join(self.directory, f'{self.split}.manifest.json')
@@ -150,9 +145,13 @@ class SceneIndex:
                     self._manifest_sha = {s['name']: s['sha256'] for s in json.load(f)['shards']}
         listed = self._manifest_sha.get(name)
         if listed is not None and listed != indexed['sha256']:
-            raise ShardError(f'{stale}: the manifest lists sha256 {listed[:12]}..., the index was '
-                             f'built for {indexed["sha256"][:12]}... (rebuild the index with the '
-                             'converter\'s --finalize)')
+            raise self._mismatch(url, f'the manifest lists sha256 {listed[:12]}..., the index was '
+                                      f'built for {indexed["sha256"][:12]}...')
+
+    def _mismatch(self, url: str, detail: str) -> ShardError:
+        return ShardError(f'{index_path(self.directory, self.split)}: index does not match shard '
+                          f'{url}: {detail} (replaced after indexing? rebuild the index with the '
+                          'converter\'s --finalize)')
 
     def read(self, scene: str | int) -> Scene:
         """The scene by key or reference index, checked (``pipeline.reader.Scene``)."""

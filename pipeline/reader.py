@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zlib
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -133,7 +134,7 @@ def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...], where: str
             f"'shape': ({want})".encode() not in header:
         return None
     body = start + 10 + hlen
-    n = int(np.prod(shape)) * 8
+    n = math.prod(shape) * 8
     if body + n != start + size or start + size > len(data):
         return None
     if zlib.crc32(memoryview(data)[start:start + size]) != int.from_bytes(data[pos + 14:pos + 18],
@@ -143,8 +144,8 @@ def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...], where: str
 
 
 def load_cameras(data: bytes, where: str, num_views: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K [V,3,3], c2w [V,4,4]) float64 from ``cameras.npz`` bytes, checked: the zip entries' CRC-32,
-    the shapes, finite values, rigid poses (orthonormal, det +1) and valid intrinsics. The
+    """(K [V,3,3], c2w [V,4,4]) float64 from ``cameras.npz`` bytes, checked: the zip entries'
+    CRC-32, the shapes, finite values, rigid poses (orthonormal, det +1) and valid intrinsics. The
     converter's layout is parsed directly (~30x faster than numpy.load's zipfile path, which is the
     fallback). Raises ShardError naming ``where`` and, for a bad camera, the view."""
     K = _stored_npy(data, 0, (num_views, 3, 3), where)
@@ -160,18 +161,31 @@ def load_cameras(data: bytes, where: str, num_views: int) -> tuple[np.ndarray, n
     if K.shape != (num_views, 3, 3) or c2w.shape != (num_views, 4, 4):
         raise ShardError(f'{where}: {CAMERAS} holds K {list(K.shape)} and c2w {list(c2w.shape)} '
                          f'for {num_views} views')
-    try:
-        cameras.check_intrinsics(K)
-        cameras.check_pose(c2w, 'c2w')
-    except ValueError:
-        for v in range(num_views):  # name the first bad view
+    if not _plainly_valid(K, c2w):
+        for v in range(num_views):  # the full checks, to name the first bad view and the fault
             try:
                 cameras.check_intrinsics(K[v])
                 cameras.check_pose(c2w[v], 'c2w')
             except ValueError as e:
                 raise ShardError(f'{where} view {v}: bad camera in {CAMERAS}: {e}') from None
-        raise
     return K, c2w
+
+
+_K_ROW, _POSE_ROW, _EYE3 = np.array([0.0, 0.0, 1.0]), np.array([0.0, 0.0, 0.0, 1.0]), np.eye(3)
+
+
+def _plainly_valid(K: np.ndarray, c2w: np.ndarray) -> bool:
+    """True if every camera passes ``cameras.check_intrinsics`` / ``check_pose`` with exact last
+    rows, as the converter writes them: one vectorised pass, ~5x cheaper than those checks (it runs
+    once per scene on the loader's hot path); False sends the caller to the per-view checks."""
+    if not math.isfinite(K.sum() + c2w.sum()):  # a nan or inf somewhere
+        return False
+    if (K[:, 2] != _K_ROW).any() or (c2w[:, 3] != _POSE_ROW).any():
+        return False
+    R = c2w[:, :3, :3]
+    if np.abs(R.transpose(0, 2, 1) @ R - _EYE3).max() > 1e-4 or (np.linalg.det(R) <= 0).any():
+        return False  # not orthonormal, or a reflection
+    return bool((np.abs(K[:, 0, 0] * K[:, 1, 1] - K[:, 0, 1] * K[:, 1, 0]) >= 1e-12).all())
 
 
 # ----------------------------------------------------------------------------- one scene
@@ -300,7 +314,8 @@ class Scene:
         # Pickled into and out of DataLoader workers: only the decoded views' pixels travel.
         state = dict(self.__dict__)
         if self._pixels is not None:
-            state['_pixels'] = {v: self._pixels[v] for v in range(self.num_views) if self._decoded[v]}
+            state['_pixels'] = {v: self._pixels[v] for v in range(self.num_views)
+                                if self._decoded[v]}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -8,9 +8,10 @@ are module-level generator functions (picklable into DataLoader workers):
     shard urls -> [shuffle / resample] -> split by node -> split by worker -> tar_samples
                -> [sample shuffle buffer] -> Scene (checked; the views asked for decoded)
 
-Samples are parsed by ``pipeline.reader`` only. ``tar_samples`` replaces WebDataset's ``tarfile_samples``: Python's tarfile costs ~20 us per member
-(as much as decoding a 64x64 PNG, and our scenes have 10-30 members); ``pipeline.tario`` parses
-ustar headers directly (measured in tools/bench_loader.py).
+Samples are parsed by ``pipeline.reader`` only (its ``iter_shard`` and ``Scene``). ``tar_samples``
+replaces WebDataset's ``tarfile_samples``: Python's tarfile costs ~20 us per member (as much as
+decoding a 64x64 PNG, and our scenes have 10-30 members); ``pipeline.tario`` parses ustar headers
+directly (measured in tools/bench_loader.py).
 """
 from __future__ import annotations
 
