@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.schema import SCHEMA_VERSION
-
-SYNTHETIC_MARKER = 'srt_shards_synthetic.json'  # written by tools/make_synthetic.py into a source
+from pipeline.schema import SCHEMA_VERSION, SYNTHETIC_MARKER
 
 _SOURCES = {
     'nmr': ('NMR: ShapeNet multi-class renders of Kato et al. (Neural Mesh Renderer), packaged by '

@@ -39,6 +39,9 @@ META = 'meta.json'
 CAMERAS = 'cameras.npz'
 RAYS = 'rays.npy.zst'
 RGB_PREFIX = 'rgb'
+# Not a shard member: the file by which the converter's dataset card recognises a source directory
+# written by ``pipeline.synthetic`` (which writes it).
+SYNTHETIC_MARKER = 'srt_shards_synthetic.json'
 
 # Per dataset: the reference loader's render range (near/far, used by the volumetric decoder) and
 # canonical-frame rule; the reference's ``render_kwargs`` of each dataset class are the source.

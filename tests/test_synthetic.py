@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline import cameras as C
 from pipeline import synthetic as S
-from pipeline import synthetic_writers as W
+from pipeline import synthetic as W
 from tests.conftest import ROOT, TESTVECTORS
 
 SRC = TESTVECTORS / 'sources'
@@ -356,7 +356,7 @@ def test_default_split_sizes():
 
 
 def test_writers_module_does_not_import_tensorflow():
-    code = ('import pipeline.synthetic_writers, sys; '
+    code = ('import pipeline.synthetic, sys; '
             'print(any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules))')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                          check=True)

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     source, shards, run_dir = (os.path.join(args.out, d) for d in ('source', 'shards', 'run'))
 
     step(f'1/5 render {args.scenes} CLEVR-like scenes in the MSN TFRecord format -> {source}')
-    from pipeline.card import SYNTHETIC_MARKER
+    from pipeline.synthetic import SYNTHETIC_MARKER
     if os.path.exists(os.path.join(source, SYNTHETIC_MARKER)):
         print('exists, reused')
     else:

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.synthetic_writers import FORMATS, write_synthetic  # noqa: E402
+from pipeline.synthetic import FORMATS, write_synthetic  # noqa: E402
 
 
 def main(argv=None) -> int:

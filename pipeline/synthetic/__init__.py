@@ -1,0 +1,64 @@
+"""Synthetic CLEVR-like scenes, an analytic ray-caster, and writers of the real datasets' on-disk
+formats (pure numpy; TensorFlow only inside the MSN writer).
+
+The project cannot download NMR, ObSuRF or MultiShapeNet, so tests, benchmarks and the demo render
+their own small scenes and write them exactly as each dataset's files (mirroring the test vectors
+in ``tests/data/testvectors/sources/``), so that the reference loaders and the project's source
+readers open them unchanged. Nothing on the data path imports this package. Modules:
+
+- ``scene``: the scene model and its deterministic sampling per (seed, split, index)
+- ``rigs``: the datasets' camera rigs
+- ``raycast``: intersection, shading and rendering of views
+- ``common``: the per-format table, the renders of a format's scene, the worker pool, split sizes
+- ``nmr``, ``obsurf``, ``msn``: one writer per format; ``write_synthetic`` dispatches to them
+
+Each writer drops ``SYNTHETIC_MARKER`` (a JSON summary) into its output directory; the converter's
+dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
+
+>>> scene = sample_scene('msn', seed=0, split='train', index=0)
+>>> K, poses = msn_cameras(scene_rng(0, 'train', 0, STREAM_CAMERAS), num_views=2)
+>>> out = render(scene, K[0], poses[0], 16, 16)
+>>> out['rgb'].shape, out['rgb'].dtype.name, out['depth'].shape, out['category'].shape
+((16, 16, 3), 'uint8', (16, 16), (16, 16))
+"""
+from __future__ import annotations
+
+from pipeline.schema import SYNTHETIC_MARKER
+from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_VIEWS, NMR_CLASSES, NMR_SIZE,
+                                       NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
+                                       OBSURF_WIDTH, WriteResult, check_format,
+                                       default_split_sizes, png_bytes, render_scene, save_npz,
+                                       scene_cameras)
+from pipeline.synthetic.msn import msn_features, write_msn
+from pipeline.synthetic.nmr import write_nmr
+from pipeline.synthetic.obsurf import write_obsurf
+from pipeline.synthetic.raycast import render, render_rays, render_views, trace
+from pipeline.synthetic.rigs import (NMR_FOCAL, msn_cameras, msn_intrinsics, nmr_cameras,
+                                     nmr_intrinsics, obsurf_camera_positions)
+from pipeline.synthetic.scene import (CATEGORY_NAMES, KINDS, SPLITS, STREAM_CAMERAS,
+                                      STREAM_NOISE, STREAM_SCENE, STYLES, Scene, SceneStyle,
+                                      sample_scene, scene_rng)
+
+__all__ = [
+    'CATEGORY_NAMES', 'FORMATS', 'KINDS', 'MSN_SIZE', 'MSN_VIEWS', 'NMR_CLASSES', 'NMR_FOCAL',
+    'NMR_SIZE', 'NMR_VIEWS', 'OBSURF', 'OBSURF_HEIGHT', 'OBSURF_VIEWS', 'OBSURF_WIDTH', 'SPLITS',
+    'STREAM_CAMERAS', 'STREAM_NOISE', 'STREAM_SCENE', 'STYLES', 'SYNTHETIC_MARKER', 'Scene',
+    'SceneStyle', 'WriteResult', 'default_split_sizes', 'msn_cameras', 'msn_features',
+    'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
+    'render', 'render_rays', 'render_scene', 'render_views', 'sample_scene', 'save_npz',
+    'scene_cameras', 'scene_rng', 'trace', 'write_msn', 'write_nmr', 'write_obsurf',
+    'write_synthetic',
+]
+
+
+def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs) -> WriteResult:
+    """Write ``num_scenes`` scenes in format ``fmt`` (one of FORMATS: 'msn', 'nmr', 'obsurf' =
+    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo'); kwargs go to the writer (split_sizes,
+    workers, progress, scenes_per_file for MSN)."""
+    check_format(fmt)
+    if fmt == 'nmr':
+        return write_nmr(out_dir, num_scenes, seed, **kwargs)
+    if fmt in ('msn', 'msn-demo'):
+        return write_msn(out_dir, num_scenes, seed, variant=fmt, **kwargs)
+    return write_obsurf(out_dir, num_scenes, seed, variant='clevr3d' if fmt == 'obsurf' else 'msn',
+                        **kwargs)
