@@ -7,7 +7,6 @@ decoder in use). Palette and grey+alpha PNGs, which neither handles directly, go
 from __future__ import annotations
 
 import io
-import struct
 
 import numpy as np
 
@@ -24,11 +23,6 @@ DECODER = 'kornia-rs' if _KImage is not None else 'torchvision'
 def png_mode(data: bytes) -> str:
     """Colour mode of a PNG from its IHDR ('L', 'RGB', 'RGBA', 'P', 'LA')."""
     return PNG_MODES.get(data[25], '?') if len(data) > 25 else '?'
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of a PNG from its IHDR."""
-    return struct.unpack_from('>II', data, 16)
 
 
 def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
