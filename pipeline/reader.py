@@ -77,7 +77,12 @@ def render_range(directory: str, split: str = 'train', url_template: str | None 
     if 'near' in manifest and 'far' in manifest:
         return float(manifest['near']), float(manifest['far'])
     for url in shard_urls(directory, split, url_template):
-        for sample in iter_shard(url):
+        samples = iter_shard(url)
+        try:
+            sample = next(samples, None)
+        finally:
+            samples.close()
+        if sample is not None:
             meta = Scene(sample).meta
             if 'near' not in meta or 'far' not in meta:
                 raise ShardError(f'{url}: sample {sample["__key__"]}: {META} has no near/far')

@@ -146,6 +146,16 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     return item
 
 
+def scene_item(cfg: DataConfig, scene: Scene, item: int, rng: np.random.Generator | None
+               ) -> dict[str, Any]:
+    """A scene's ``item``-th item: views chosen as the reference does (``choose_views``), the item
+    built by ``make_item`` (both drawing from ``rng``), tagged with ``scene_key``."""
+    inputs, targets = choose_views(cfg, scene.num_views, item, rng)
+    out = make_item(cfg, scene, inputs, targets, rng)
+    out['scene_key'] = scene.key
+    return out
+
+
 def keep_scene(cfg: DataConfig, scene: Scene) -> bool:
     """The reference's max_objects filter (ObSuRF)."""
     n = scene.meta.get('source', {}).get('num_objects')

@@ -26,8 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import tario
 from pipeline.reader import Scene, ShardError, iter_shard
 from pipeline.reader import shard_table  # noqa: F401  (the trainer's and tools' name for it)
-from srt.data import (DataConfig, choose_views, collate, items_per_scene, keep_scene, key_seed,
-                      make_item)
+from srt.data import DataConfig, collate, items_per_scene, keep_scene, key_seed, scene_item
 
 STATE_VERSION = 1
 
@@ -116,7 +115,7 @@ class TrainStream(IterableDataset):
             if pos >= skip:
                 seed = [self.seed, self.rank, worker, visit, pos]
                 try:
-                    out = self._item(scene, item, np.random.default_rng(seed))
+                    out = scene_item(self.cfg, scene, item, np.random.default_rng(seed))
                 except ShardError as e:
                     print(f'warning: skipping unreadable scene: {e}', file=sys.stderr)
                     bad += 1
@@ -153,13 +152,6 @@ class TrainStream(IterableDataset):
             yield emit(buffer.pop())
         if bad:
             yield pos, None, bad
-
-    def _item(self, scene: Scene, item: int, rng: np.random.Generator) -> dict:
-        inputs, targets = choose_views(self.cfg, scene.num_views, item, rng)
-        out = make_item(self.cfg, scene, inputs, targets, rng)
-        out['scene_key'] = scene.key
-        return out
-
 
 # ----------------------------------------------------------------------------- stream state
 
@@ -259,9 +251,7 @@ class EvalStream(IterableDataset):
                     continue
                 for item in range(items_per_scene(self.cfg, scene.num_views)):
                     rng = np.random.default_rng(key_seed(scene.key, self.seed) + [item])
-                    inputs, targets = choose_views(self.cfg, scene.num_views, item, rng)
-                    out = make_item(self.cfg, scene, inputs, targets, rng)
-                    out['scene_key'] = scene.key
+                    out = scene_item(self.cfg, scene, item, rng)
                     out['scene_index'] = scene.meta['reference_index']
                     out['item'] = item
                     yield out
@@ -293,9 +283,7 @@ def fixed_items(cfg: DataConfig, shards: Sequence[tuple[str, int]], num_scenes: 
                 continue
             rng = np.random.default_rng(key_seed(scene.key, seed))
             item = int(rng.integers(items_per_scene(cfg, scene.num_views)))
-            inputs, targets = choose_views(cfg, scene.num_views, item, rng)
-            items.append(make_item(cfg, scene, inputs, targets, rng))
-            items[-1]['scene_key'] = scene.key
+            items.append(scene_item(cfg, scene, item, rng))
             if len(items) == num_scenes:
                 return collate(items)
     if not items:
