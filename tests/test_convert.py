@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import cameras, tario
-from pipeline.convert import ConvertConfig, convert
+from pipeline.convert import ConvertConfig, ConvertError, convert
 from pipeline.index import SceneIndex, read_scene
 from pipeline.reader import decode_scene, shard_urls
 from pipeline.verify import iter_samples, verify
@@ -216,14 +216,19 @@ def test_parallel_workers_give_the_same_bytes(tmp_path):
 
 def test_other_schema_version_or_settings_are_refused(tmp_path):
     run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'])
-    with pytest.raises(SystemExit, match='scenes_per_shard'):
+    with pytest.raises(ConvertError, match='scenes_per_shard'):
         run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'], scenes_per_shard=1)
     manifest = tmp_path / 'val.manifest.json'
     data = json.loads(manifest.read_text())
     data['schema_version'] = 0
     manifest.write_text(json.dumps(data))
-    with pytest.raises(SystemExit, match='schema version 0'):
+    with pytest.raises(ConvertError, match='schema version 0'):
         run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'])
+    # The command line turns the library's error into a message and exit code 1.
+    proc = cli('convert_nmr.py', '--src', SRC / 'nmr', '--out', tmp_path, '--splits', 'val',
+               check=False)
+    assert proc.returncode == 1 and 'schema version 0' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_baked_rays_equal_the_camera_rays(tmp_path):
