@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Sequence
 
-from pipeline.schema import SCHEMA_VERSION, SourceError
+# Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
 
 # `convert <format>`: the converter command lines and the datasets each converts.
 CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
@@ -45,6 +45,7 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     """The command line of one converter (``tools/convert_<fmt>.py``, ``convert <fmt>``)."""
     from pipeline.convert import DEFAULT_SHARD_BYTES, ConvertConfig, ConvertError, convert, \
         task_from_environment
+    from pipeline.schema import SCHEMA_VERSION, SourceError
 
     datasets = CONVERTERS[fmt]
     p = argparse.ArgumentParser(

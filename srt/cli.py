@@ -28,7 +28,8 @@ COMMANDS = {
                        "render CLEVR-like scenes in a real dataset's on-disk format"),
     'demo': ('srt.demo', 'main', 'the end-to-end demo on a CPU: data, shards, training, video'),
     'train': ('srt.train', 'main', 'train an SRT on shards (= python -m srt.train)'),
-    'evaluate': ('srt.evaluate', 'main', 'score a checkpoint on a split (= python -m srt.evaluate)'),
+    'evaluate': ('srt.evaluate', 'main',
+                 'score a checkpoint on a split (= python -m srt.evaluate)'),
     'render': ('srt.render', 'main', 'render a video of a scene (= python -m srt.render)'),
 }
 
@@ -36,12 +37,13 @@ COMMANDS = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='srt-shards: multi-view datasets as WebDataset shards, and SRT trained on them.',
+        description='Multi-view datasets as WebDataset shards, and SRT trained on them.',
         epilog='subcommands:\n' + '\n'.join(f'  {name:<16}{summary}'
                                             for name, (_, _, summary) in COMMANDS.items())
         + f'\n\n{PROG} <subcommand> --help lists its options.')
     p.add_argument('command', choices=COMMANDS, metavar='subcommand', help='see below')
-    p.add_argument('args', nargs=argparse.REMAINDER, metavar='...', help="the subcommand's arguments")
+    p.add_argument('args', nargs=argparse.REMAINDER, metavar='...',
+                   help="the subcommand's arguments")
     return p
 
 
