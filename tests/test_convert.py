@@ -17,7 +17,7 @@ from pipeline.convert import ConvertConfig, ConvertError, convert
 from pipeline.index import SceneIndex, read_scene
 from pipeline.reader import decode_scene, shard_urls
 from pipeline.verify import iter_samples, verify
-from tests.conftest import ROOT, TESTVECTORS
+from tests.conftest import ROOT, TESTVECTORS, make_nmr_copies
 
 SRC = TESTVECTORS / 'sources'
 REF = TESTVECTORS / 'reference'
@@ -45,21 +45,6 @@ def tree_bytes(out) -> dict:
     return {n: hashlib.sha256(open(os.path.join(out, n), 'rb').read()).hexdigest()
             for n in sorted(os.listdir(out))
             if n.endswith(('.tar', '.manifest.json', '.jsonl', 'README.md'))}
-
-
-def make_nmr_copies(dst, n_train, n_val=2, prefix=''):
-    """An NMR-layout source of n scenes, made of copies of the two test-vector scenes."""
-    cls = dst / '02958343'
-    cls.mkdir(parents=True)
-    shutil.copy(SRC / 'nmr/metadata.yaml', dst / 'metadata.yaml')
-    names = {'train': [], 'val': [], 'test': []}
-    for split, count in (('train', n_train), ('val', n_val), ('test', n_val)):
-        for i in range(count):
-            name = f'{prefix}{split}{i:05d}'
-            shutil.copytree(SRC / 'nmr/02958343' / ('scene00007', 'scene00008')[i % 2], cls / name)
-            names[split].append(name)
-        (cls / f'softras_{split}.lst').write_text(''.join(f'{n}\n' for n in names[split]))
-    return dst
 
 
 # ----------------------------------------------------------------------------- parity and bytes
