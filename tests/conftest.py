@@ -1,4 +1,4 @@
-"""Shared test helpers and fixtures (test modules import helpers from here, never from each other)."""
+"""Shared test helpers and fixtures: test modules import helpers from here, never from each other."""
 import functools
 import json
 import os

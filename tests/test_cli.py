@@ -1,7 +1,8 @@
-"""The console script (`srt-shards`, srt/cli.py) and the data tools' command lines (pipeline/cli.py).
+"""The console script (`srt-shards`, srt/cli.py) and the data tools' command lines
+(pipeline/cli.py).
 
 The pip-installed check (a fresh venv, `pip install .`, every script's --help from outside the
-checkout) is manual: README "Install". These tests call the entry points in-process.
+checkout) is manual: README "Installing with pip". These tests call the entry points in-process.
 """
 import configparser
 import importlib
@@ -63,7 +64,8 @@ def test_data_tool_errors_are_messages_and_exit_codes(tmp_path, capsys):
     missing = tmp_path / 'missing'
     assert convert_main(['nmr', '--src', str(missing), '--out', str(tmp_path / 'out')]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f'error: {missing}: source directory not found') and 'Traceback' not in err
+    assert err.startswith(f'error: {missing}: source directory not found')
+    assert 'Traceback' not in err
     assert not (tmp_path / 'out').exists()  # nothing written for a source that is not there
     assert inspect_main([str(missing)]) == 1
     assert str(missing) in capsys.readouterr().err

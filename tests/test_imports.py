@@ -1,5 +1,5 @@
-"""Importing any module never loads TensorFlow (only opening an MSN source does), and the layers hold
-at run time: pipeline loads neither srt nor tools, srt never loads tools, srt.model never loads
+"""Importing any module never loads TensorFlow (only opening an MSN source does), and the layers
+hold at run time: pipeline loads neither srt nor tools, srt never loads tools, srt.model never loads
 pipeline. Every module of pipeline/ and srt/ and every tools/*.py is found by walking the tree, so a
 new or renamed module is covered without editing this test."""
 import json
@@ -15,9 +15,10 @@ MUST_FIND = {'pipeline.convert', 'pipeline.stream', 'pipeline.cli', 'srt.train',
              'tools.convert_obsurf', 'tools.demo', 'tools.inspect_shards', 'tools.make_synthetic',
              'tools.render_video'}
 
-# Runs in one fresh interpreter: the third-party dependencies load once (checked free of TensorFlow),
-# then a forked child per module imports that module, with no module of the project loaded before
-# it, and reports what the import loaded. (A fresh interpreter per module costs a torch import each.)
+# Runs in one fresh interpreter: the third-party dependencies load once (checked free of
+# TensorFlow), then a forked child per module imports that module, with no module of the project
+# loaded before it, and reports what the import loaded. (A fresh interpreter per module would cost
+# a torch import each: minutes on 2 cores.)
 CHILD = r'''
 import importlib, importlib.util, json, os, sys
 modules = json.loads(sys.stdin.read())
