@@ -8,6 +8,9 @@ written next to it, then the tar is renamed into place: a ``.tar`` in ``<out>`` 
 and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
 the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log and the
 dataset card are written. Output bytes depend only on the source and the settings.
+
+Errors are exceptions (``ConvertError``, ``pipeline.schema.SourceError``, ``ValueError`` for
+settings); the command line (``pipeline/cli.py``) turns them into messages and exit codes.
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ from pipeline.sources import open_source
 WORK_DIR = '.work'
 DEFAULT_SHARD_BYTES = 256 * 2**20
 _ESTIMATE_SCENES = 16
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot go on as asked; the message names the file or directory (a missing
+    source or split, output of another schema version or other settings, an incomplete split)."""
 
 
 @dataclasses.dataclass
@@ -127,7 +135,7 @@ def _check_existing(cfg: ConvertConfig, split: str, plan: dict) -> None:
     if os.path.exists(manifest):
         version = _read_json(manifest).get('schema_version')
         if version != SCHEMA_VERSION:
-            raise SystemExit(f'{manifest}: existing output has schema version {version}, this '
+            raise ConvertError(f'{manifest}: existing output has schema version {version}, this '
                              f'converter writes {SCHEMA_VERSION}; convert into a new --out '
                              'directory (or delete the old shards)')
     path = os.path.join(cfg.out, WORK_DIR, f'{split}.plan.json')
@@ -136,7 +144,7 @@ def _check_existing(cfg: ConvertConfig, split: str, plan: dict) -> None:
         plan = json.loads(json_bytes(plan))  # compare as stored (tuples become lists)
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise SystemExit(f'{path}: existing output of split {split!r} was planned with other '
+            raise ConvertError(f'{path}: existing output of split {split!r} was planned with other '
                              f'settings or source ({", ".join(diff)} differ); use another --out or '
                              'delete it')
     else:
@@ -252,7 +260,7 @@ def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, A
         rec = _shard_record(cfg.out, shard_name(split, i), digest)
         (records.append(rec) if rec else missing.append(shard_name(split, i)))
     if missing:
-        raise SystemExit(f'{cfg.out}: split {split!r} is incomplete: {len(missing)} of '
+        raise ConvertError(f'{cfg.out}: split {split!r} is incomplete: {len(missing)} of '
                          f'{plan["num_shards"]} shards missing ({", ".join(missing[:5])}'
                          f'{", ..." if len(missing) > 5 else ""}); run the remaining tasks first')
     skipped = [s for r in records for s in r['skipped']]
@@ -290,12 +298,14 @@ def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, A
 
 def convert(cfg: ConvertConfig) -> dict[str, dict]:
     """Convert (this task's part of) every requested split. Returns {split: summary}."""
+    if not os.path.exists(cfg.src):
+        raise ConvertError(f'{cfg.src}: source directory not found (pass --src)')
     os.makedirs(os.path.join(cfg.out, WORK_DIR), exist_ok=True)
     source = open_source(cfg.dataset, cfg.src, **cfg.source_kwargs)
     splits = cfg.splits or source.splits()
     unknown = [s for s in splits if s not in source.splits()]
     if unknown:
-        raise SystemExit(f'{cfg.src}: no split(s) {unknown}; the source has {source.splits()}')
+        raise ConvertError(f'{cfg.src}: no split(s) {unknown}; the source has {source.splits()}')
     summaries = {}
     for split in splits:
         t0 = time.perf_counter()
@@ -340,77 +350,3 @@ def _clean_partials(out: str, names: list[str]) -> None:
                 os.remove(os.path.join(work, entry))
             except FileNotFoundError:
                 pass
-
-
-# ----------------------------------------------------------------------------- command line
-
-DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
-                   'msn': 'data/msn'}
-
-
-def cli_main(datasets: tuple[str, ...], argv: list[str] | None = None) -> int:
-    """The shared command line of tools/convert_{nmr,obsurf,msn}.py."""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(
-        description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards schema '
-                    f'v{SCHEMA_VERSION}, see docs/SHARDS.md).')
-    if len(datasets) > 1:
-        p.add_argument('--dataset', choices=datasets, default=datasets[0],
-                       help=f'which dataset (default {datasets[0]})')
-    p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README layout)')
-    p.add_argument('--out', help='output directory (default: shards/<dataset>)')
-    p.add_argument('--splits', nargs='+', help='splits to convert (default: all the source has)')
-    p.add_argument('--scenes-per-shard', type=int, help='scenes per shard (default: from --shard-mb)')
-    p.add_argument('--shard-mb', type=float, default=DEFAULT_SHARD_BYTES / 2**20,
-                   help='target shard size in MiB (default 256)')
-    p.add_argument('--workers', type=int, default=1, help='writer processes (default 1)')
-    p.add_argument('--num-tasks', type=int, help='tasks of a cluster job array sharing this '
-                   'conversion (default: SLURM_ARRAY_TASK_COUNT, else 1)')
-    p.add_argument('--task-index', type=int, help='this task (default: SLURM_ARRAY_TASK_ID or '
-                   'JOB_COMPLETION_INDEX, else 0)')
-    p.add_argument('--finalize', action='store_true',
-                   help='only merge complete shards into manifest, index and dataset card')
-    p.add_argument('--bake-rays', action='store_true',
-                   help='also store float32 ray directions per pixel (rays.npy.zst; ~8x image bytes)')
-    p.add_argument('--skip-bad', action='store_true', help='record bad scenes in '
-                   '<out>/<split>.skipped.jsonl and go on, instead of stopping at the first')
-    if any(d in ('clevr3d', 'obsurf_msn') for d in datasets):
-        p.add_argument('--max-objects', default='6', help="drop scenes with more objects, as the "
-                       "reference loader does (default 6; 'all' keeps every scene)")
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    args = p.parse_args(argv)
-    dataset = getattr(args, 'dataset', datasets[0])
-    env_tasks, env_index = task_from_environment()
-    kwargs = {}
-    if dataset in ('clevr3d', 'obsurf_msn'):
-        kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
-    try:
-        cfg = ConvertConfig(
-            dataset=dataset, src=args.src or DEFAULT_SOURCES[dataset],
-            out=args.out or os.path.join('shards', dataset), splits=args.splits,
-            scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
-            workers=args.workers,
-            num_tasks=args.num_tasks if args.num_tasks is not None else env_tasks,
-            task_index=args.task_index if args.task_index is not None else env_index,
-            bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
-            source_kwargs=kwargs, progress=not args.no_progress)
-        if not os.path.exists(cfg.src):
-            raise SystemExit(f'{cfg.src}: source directory not found (pass --src)')
-        summaries = convert(cfg)
-    except SourceError as e:
-        print(f'error: {e}', file=sys.stderr)
-        print('(the run stopped; no partial shard is visible. Fix the source, or rerun with '
-              '--skip-bad to record bad scenes and go on)', file=sys.stderr)
-        return 1
-    for split, s in summaries.items():
-        if s['finalized']:
-            skipped = (f', {s["num_skipped"]} bad scenes skipped (see {cfg.out}/{split}.skipped.jsonl)'
-                       if s['num_skipped'] else '')
-            print(f'{split}: {s["num_scenes"]} scenes in {s["num_shards"]} shards, '
-                  f'{s["bytes"] / 2**20:.1f} MiB -> {cfg.out}{skipped}')
-        else:
-            print(f'{split}: task {cfg.task_index}/{cfg.num_tasks} wrote {s["shards_written"]} '
-                  f'shards; the split is finalized when every task has finished')
-    return 0

@@ -1,9 +1,13 @@
+"""Shared test helpers and fixtures: test modules import helpers from here, never from each other."""
 import functools
+import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TESTVECTORS = ROOT / 'tests' / 'data' / 'testvectors'
@@ -37,3 +41,80 @@ def read_msn_test_cameras() -> dict:
             poses.append(pose)
         out[ex['scene_name'].decode()] = {'K': np.stack(Ks), 'world_from_cam': np.stack(poses)}
     return out
+
+
+# ----------------------------------------------------------------------------- sources and shards
+
+def make_nmr_copies(dst, n_train, n_val=2, prefix=''):
+    """An NMR-layout source of n scenes, made of copies of the two test-vector scenes."""
+    src = TESTVECTORS / 'sources'
+    cls = dst / '02958343'
+    cls.mkdir(parents=True)
+    shutil.copy(src / 'nmr/metadata.yaml', dst / 'metadata.yaml')
+    names = {'train': [], 'val': [], 'test': []}
+    for split, count in (('train', n_train), ('val', n_val), ('test', n_val)):
+        for i in range(count):
+            name = f'{prefix}{split}{i:05d}'
+            shutil.copytree(src / 'nmr/02958343' / ('scene00007', 'scene00008')[i % 2], cls / name)
+            names[split].append(name)
+        (cls / f'softras_{split}.lst').write_text(''.join(f'{n}\n' for n in names[split]))
+    return dst
+
+
+@pytest.fixture(scope='module')
+def nmr_shards(tmp_path_factory):
+    """The NMR test-vector scenes as shards, one scene per shard."""
+    from pipeline.convert import ConvertConfig, convert
+    out = tmp_path_factory.mktemp('nmr_shards')
+    convert(ConvertConfig(dataset='nmr', src=str(TESTVECTORS / 'sources/nmr'), out=str(out),
+                          scenes_per_shard=1, progress=False))
+    return out
+
+
+# ----------------------------------------------------------------------------- model and trainer
+
+def tiny_batch(b=2, v=2, h=32, w=32, r=5, seed=0):
+    """A random SRT batch: b scenes of v input views h x w, r target rays."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    rays = F.normalize(torch.randn(b, v, h, w, 3, generator=g), dim=-1)
+    target_rays = F.normalize(torch.randn(b, r, 3, generator=g), dim=-1)
+    return dict(input_images=torch.rand(b, v, 3, h, w, generator=g),
+                input_camera_pos=torch.randn(b, v, 3, generator=g),
+                input_rays=rays,
+                target_camera_pos=torch.randn(b, r, 3, generator=g),
+                target_rays=target_rays)
+
+
+# A trainer config small enough for CPU tests (the trainer's and the evaluator's).
+TINY_TRAIN = {
+    'data': {'dataset': 'nmr', 'num_points': 32},
+    'model': {'encoder_kwargs': {'pos_start_octave': -5, 'num_conv_blocks': 3, 'num_att_blocks': 1},
+              'decoder': 'lightfield', 'decoder_kwargs': {'pos_start_octave': -5, 'num_att_blocks': 1}},
+    'training': {'batch_size': 2, 'num_workers': 1, 'print_every': 1, 'visualize_every': 0,
+                 'validate_every': 0, 'checkpoint_every': 3, 'backup_every': 0, 'max_it': 9,
+                 'lr_warmup': 2, 'lr': 3e-4, 'deterministic': True, 'precision': 'fp32',
+                 'shards_per_visit': 2, 'item_buffer': 8},
+}
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+
+
+def write_config(path, **training):
+    """TINY_TRAIN with these training options, as YAML at path."""
+    import yaml
+    cfg = json.loads(json.dumps(TINY_TRAIN))
+    cfg['training'].update(training)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cmd(shards, config, out, *extra):
+    return [sys.executable, '-m', 'srt.train', '--shards', str(shards), '--config', str(config),
+            '--out', str(out), *map(str, extra)]
+
+
+def losses(run):
+    """{iteration: (loss, lr)} from a run directory's metrics.jsonl."""
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    return {r['it']: (r['loss'], r['lr']) for r in records if 'loss' in r}

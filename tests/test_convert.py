@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from pipeline import cameras, tario
-from pipeline.convert import ConvertConfig, convert
+from pipeline.convert import ConvertConfig, ConvertError, convert
 from pipeline.index import SceneIndex, read_scene
 from pipeline.reader import Scene, iter_shard, shard_urls
 from pipeline.verify import verify
-from tests.conftest import ROOT, TESTVECTORS
+from tests.conftest import ROOT, TESTVECTORS, make_nmr_copies
 
 SRC = TESTVECTORS / 'sources'
 REF = TESTVECTORS / 'reference'
@@ -45,21 +45,6 @@ def tree_bytes(out) -> dict:
     return {n: hashlib.sha256(open(os.path.join(out, n), 'rb').read()).hexdigest()
             for n in sorted(os.listdir(out))
             if n.endswith(('.tar', '.manifest.json', '.jsonl', 'README.md'))}
-
-
-def make_nmr_copies(dst, n_train, n_val=2, prefix=''):
-    """An NMR-layout source of n scenes, made of copies of the two test-vector scenes."""
-    cls = dst / '02958343'
-    cls.mkdir(parents=True)
-    shutil.copy(SRC / 'nmr/metadata.yaml', dst / 'metadata.yaml')
-    names = {'train': [], 'val': [], 'test': []}
-    for split, count in (('train', n_train), ('val', n_val), ('test', n_val)):
-        for i in range(count):
-            name = f'{prefix}{split}{i:05d}'
-            shutil.copytree(SRC / 'nmr/02958343' / ('scene00007', 'scene00008')[i % 2], cls / name)
-            names[split].append(name)
-        (cls / f'softras_{split}.lst').write_text(''.join(f'{n}\n' for n in names[split]))
-    return dst
 
 
 # ----------------------------------------------------------------------------- parity and bytes
@@ -216,14 +201,19 @@ def test_parallel_workers_give_the_same_bytes(tmp_path):
 
 def test_other_schema_version_or_settings_are_refused(tmp_path):
     run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'])
-    with pytest.raises(SystemExit, match='scenes_per_shard'):
+    with pytest.raises(ConvertError, match='scenes_per_shard'):
         run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'], scenes_per_shard=1)
     manifest = tmp_path / 'val.manifest.json'
     data = json.loads(manifest.read_text())
     data['schema_version'] = 0
     manifest.write_text(json.dumps(data))
-    with pytest.raises(SystemExit, match='schema version 0'):
+    with pytest.raises(ConvertError, match='schema version 0'):
         run_convert('nmr', SRC / 'nmr', tmp_path, splits=['val'])
+    # The command line turns the library's error into a message and exit code 1.
+    proc = cli('convert_nmr.py', '--src', SRC / 'nmr', '--out', tmp_path, '--splits', 'val',
+               check=False)
+    assert proc.returncode == 1 and 'schema version 0' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_baked_rays_equal_the_camera_rays(tmp_path):

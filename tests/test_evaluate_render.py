@@ -13,11 +13,10 @@ from pipeline.reader import Scene
 from srt.data import DataConfig
 from srt.model import ModelConfig, SRT
 from srt.render import MOTIONS, render_motion
-from tests.conftest import ROOT
-from tests.test_train import ENV, losses, nmr_shards, train_cmd, write_config  # noqa: F401
+from tests.conftest import ENV, ROOT, train_cmd, write_config
 
 
-def test_evaluation_equals_the_trainers_validation(nmr_shards, tmp_path):  # noqa: F811
+def test_evaluation_equals_the_trainers_validation(nmr_shards, tmp_path):
     config = write_config(tmp_path / 'tiny.yaml', max_it=2, validate_every=2, checkpoint_every=0,
                           max_eval=1)
     run = tmp_path / 'run'
@@ -39,7 +38,7 @@ def test_evaluation_equals_the_trainers_validation(nmr_shards, tmp_path):  # noq
 
 
 @pytest.mark.parametrize('decoder', ['lightfield', 'nerf'])
-def test_every_motion_renders_a_clip(nmr_shards, tmp_path, decoder):  # noqa: F811
+def test_every_motion_renders_a_clip(nmr_shards, tmp_path, decoder):
     torch.manual_seed(0)
     small = {'pos_start_octave': -5, 'num_att_blocks': 1}
     model = SRT(ModelConfig(encoder_kwargs={**small, 'num_conv_blocks': 3}, decoder=decoder,
@@ -75,7 +74,7 @@ def test_motions_move_the_camera_as_described():
     assert not np.allclose(roll[:3, 2], start[:3, 2])
 
 
-def test_render_video_tool_writes_a_playable_mp4(nmr_shards, tmp_path):  # noqa: F811
+def test_render_video_tool_writes_a_playable_mp4(nmr_shards, tmp_path):
     from srt.checkpoint import reference_state_dicts
     from tests.conftest import ROOT
     small = {'pos_start_octave': -5, 'num_att_blocks': 1}

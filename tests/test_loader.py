@@ -9,8 +9,7 @@ import pytest
 from pipeline.convert import ConvertConfig, convert
 from srt.data import DataConfig
 from srt.loader import EvalStream, StreamState, TrainStream, loader, shard_table
-from tests.conftest import ROOT
-from tests.test_convert import make_nmr_copies
+from tests.conftest import ROOT, make_nmr_copies
 
 CFG = DataConfig(dataset='nmr', num_points=64)
 

@@ -13,7 +13,7 @@ from srt.encoder import conv3x3_constant_channels
 from srt.layers import Attention, positional_encoding
 from srt.model import SRT, ModelConfig, build_model, count_parameters
 from srt.renderer import render_image, render_rays
-from tests.conftest import ROOT, TESTVECTORS
+from tests.conftest import ROOT, TESTVECTORS, tiny_batch
 
 KEYS_FILE = ROOT / 'tests' / 'data' / 'reference_state_dict_keys.txt'
 # The model sections of runs/msn/srt and runs/msn/isrt.
@@ -62,17 +62,6 @@ def reference_model(config: str) -> SRT:
         module = getattr(model, part)
         module.load_state_dict(deterministic_weights(part, module.state_dict()), strict=True)
     return model
-
-
-def tiny_batch(b=2, v=2, h=32, w=32, r=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rays = F.normalize(torch.randn(b, v, h, w, 3, generator=g), dim=-1)
-    target_rays = F.normalize(torch.randn(b, r, 3, generator=g), dim=-1)
-    return dict(input_images=torch.rand(b, v, 3, h, w, generator=g),
-                input_camera_pos=torch.randn(b, v, 3, generator=g),
-                input_rays=rays,
-                target_camera_pos=torch.randn(b, r, 3, generator=g),
-                target_rays=target_rays)
 
 
 @pytest.mark.parametrize('config', ['srt', 'isrt'])

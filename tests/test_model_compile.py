@@ -2,7 +2,7 @@
 import torch
 
 from srt.model import build_model
-from tests.test_model import tiny_batch
+from tests.conftest import tiny_batch
 
 # Reference layer widths, fewest layers: compiles in well under a minute on 2 cores.
 TINY_ENCODER = {'num_conv_blocks': 1, 'num_att_blocks': 1, 'pos_start_octave': -5}

@@ -1,6 +1,5 @@
 """The trainer: exact resume after SIGKILL, DDP on CPU with gloo, reference checkpoints, bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -8,48 +7,10 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
-from pipeline.convert import ConvertConfig, convert
-from tests.conftest import ROOT, TESTVECTORS
-
-TINY = {
-    'data': {'dataset': 'nmr', 'num_points': 32},
-    'model': {'encoder_kwargs': {'pos_start_octave': -5, 'num_conv_blocks': 3, 'num_att_blocks': 1},
-              'decoder': 'lightfield', 'decoder_kwargs': {'pos_start_octave': -5, 'num_att_blocks': 1}},
-    'training': {'batch_size': 2, 'num_workers': 1, 'print_every': 1, 'visualize_every': 0,
-                 'validate_every': 0, 'checkpoint_every': 3, 'backup_every': 0, 'max_it': 9,
-                 'lr_warmup': 2, 'lr': 3e-4, 'deterministic': True, 'precision': 'fp32',
-                 'shards_per_visit': 2, 'item_buffer': 8},
-}
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-
-
-@pytest.fixture(scope='module')
-def nmr_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp('nmr_shards')
-    convert(ConvertConfig(dataset='nmr', src=str(TESTVECTORS / 'sources/nmr'), out=str(out),
-                          scenes_per_shard=1, progress=False))
-    return out
-
-
-def write_config(path, **training):
-    cfg = json.loads(json.dumps(TINY))
-    cfg['training'].update(training)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def train_cmd(shards, config, out, *extra):
-    return [sys.executable, '-m', 'srt.train', '--shards', str(shards), '--config', str(config),
-            '--out', str(out), *map(str, extra)]
-
-
-def losses(run):
-    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
-    return {r['it']: (r['loss'], r['lr']) for r in records if 'loss' in r}
+from tests.conftest import ENV, ROOT, TESTVECTORS, TINY_TRAIN, losses, train_cmd, write_config
 
 
 def test_sigkill_mid_run_resumes_exactly(nmr_shards, tmp_path):
@@ -93,7 +54,7 @@ def test_reference_checkpoint_loads_and_training_continues(nmr_shards, tmp_path)
     run = tmp_path / 'run'
     run.mkdir()
     torch.save(ckpt, run / 'model.pt')
-    cfg = json.loads(json.dumps(TINY))
+    cfg = json.loads(json.dumps(TINY_TRAIN))
     cfg['model'] = {'encoder_kwargs': {'pos_start_octave': -5}, 'decoder': 'lightfield',
                     'decoder_kwargs': {'pos_start_octave': -5}}
     cfg['training'].update(max_it=42, batch_size=1, lr_warmup=2500)
@@ -158,7 +119,7 @@ def test_bad_input_is_refused_before_the_first_step(nmr_shards, tmp_path):
     manifest['schema_version'] = 99
     (old / 'train.manifest.json').write_text(json.dumps(manifest))
     assert 'schema version 99' in _run_fail(['--shards', old, '--config', config])
-    msn = json.loads(json.dumps(TINY))
+    msn = json.loads(json.dumps(TINY_TRAIN))
     msn['data']['dataset'] = 'msn'
     (tmp_path / 'msn.yaml').write_text(yaml.safe_dump(msn))
     assert "config is for dataset 'msn'" in _run_fail(['--shards', nmr_shards, '--config',

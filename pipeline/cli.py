@@ -1,0 +1,201 @@
+"""Command lines of the data tools: ``convert <format>``, ``inspect`` and ``make-synthetic``.
+
+Each is a ``*_main(argv) -> int`` function, run by the ``srt-shards`` console script
+(``srt/cli.py``) and by the ``tools/*.py`` wrappers the README names. Library code raises;
+only these functions turn its errors into a message on stderr and an exit code (0 done, 1 failed,
+2 bad command line).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+# Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
+
+# `convert <format>`: the converter command lines and the datasets each converts.
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
+# Where the seed README puts each source dataset.
+DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
+                   'msn': 'data/msn'}
+
+
+def _error(message: object, *notes: str) -> int:
+    print(f'error: {message}', file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return 1
+
+
+def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards convert') -> int:
+    """``convert <format> [options]``: one of :data:`CONVERTERS`, then that converter's options."""
+    p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
+                                'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
+    p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)')
+    p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
+    args = p.parse_args(argv)
+    return convert_format_main(args.format, args.options, prog=f'{prog} {args.format}')
+
+
+def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
+                        prog: str | None = None) -> int:
+    """The command line of one converter (``tools/convert_<fmt>.py``, ``convert <fmt>``)."""
+    from pipeline.convert import DEFAULT_SHARD_BYTES, ConvertConfig, ConvertError, convert, \
+        task_from_environment
+    from pipeline.schema import SCHEMA_VERSION, SourceError
+
+    datasets = CONVERTERS[fmt]
+    p = argparse.ArgumentParser(
+        prog=prog, description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards '
+                               f'schema v{SCHEMA_VERSION}, see docs/SHARDS.md).')
+    if len(datasets) > 1:
+        p.add_argument('--dataset', choices=datasets, default=datasets[0],
+                       help=f'which dataset (default {datasets[0]})')
+    p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
+                   'layout)')
+    p.add_argument('--out', help='output directory (default: shards/<dataset>)')
+    p.add_argument('--splits', nargs='+', help='splits to convert (default: all the source has)')
+    p.add_argument('--scenes-per-shard', type=int,
+                   help='scenes per shard (default: from --shard-mb)')
+    p.add_argument('--shard-mb', type=float, default=DEFAULT_SHARD_BYTES / 2**20,
+                   help='target shard size in MiB (default 256)')
+    p.add_argument('--workers', type=int, default=1, help='writer processes (default 1)')
+    p.add_argument('--num-tasks', type=int, help='tasks of a cluster job array sharing this '
+                   'conversion (default: SLURM_ARRAY_TASK_COUNT, else 1)')
+    p.add_argument('--task-index', type=int, help='this task (default: SLURM_ARRAY_TASK_ID or '
+                   'JOB_COMPLETION_INDEX, else 0)')
+    p.add_argument('--finalize', action='store_true',
+                   help='only merge complete shards into manifest, index and dataset card')
+    p.add_argument('--bake-rays', action='store_true',
+                   help='also store float32 ray directions per pixel (rays.npy.zst; ~8x image '
+                        'bytes)')
+    p.add_argument('--skip-bad', action='store_true', help='record bad scenes in '
+                   '<out>/<split>.skipped.jsonl and go on, instead of stopping at the first')
+    if any(d in ('clevr3d', 'obsurf_msn') for d in datasets):
+        p.add_argument('--max-objects', default='6', help="drop scenes with more objects, as the "
+                       "reference loader does (default 6; 'all' keeps every scene)")
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    args = p.parse_args(argv)
+    dataset = getattr(args, 'dataset', datasets[0])
+    kwargs = {}
+    if dataset in ('clevr3d', 'obsurf_msn'):
+        kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
+    try:
+        env_tasks, env_index = task_from_environment()
+        cfg = ConvertConfig(
+            dataset=dataset, src=args.src or DEFAULT_SOURCES[dataset],
+            out=args.out or os.path.join('shards', dataset), splits=args.splits,
+            scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
+            workers=args.workers,
+            num_tasks=args.num_tasks if args.num_tasks is not None else env_tasks,
+            task_index=args.task_index if args.task_index is not None else env_index,
+            bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
+            source_kwargs=kwargs, progress=not args.no_progress)
+    except ValueError as e:  # settings: name the flag, as argparse does
+        p.error(str(e))
+    try:
+        summaries = convert(cfg)
+    except SourceError as e:
+        return _error(e, '(the run stopped; no partial shard is visible. Fix the source, or rerun '
+                         'with --skip-bad to record bad scenes and go on)')
+    except ConvertError as e:
+        return _error(e)
+    for split, s in summaries.items():
+        if s['finalized']:
+            skipped = (f', {s["num_skipped"]} bad scenes skipped (see '
+                       f'{cfg.out}/{split}.skipped.jsonl)' if s['num_skipped'] else '')
+            print(f'{split}: {s["num_scenes"]} scenes in {s["num_shards"]} shards, '
+                  f'{s["bytes"] / 2**20:.1f} MiB -> {cfg.out}{skipped}')
+        else:
+            print(f'{split}: task {cfg.task_index}/{cfg.num_tasks} wrote {s["shards_written"]} '
+                  f'shards; the split is finalized when every task has finished')
+    return 0
+
+
+def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards inspect') -> int:
+    """``inspect DIR [--verify] [--contact-sheet OUT.png]``: summarise, verify or preview shards."""
+    from pipeline import verify
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description='Summarise, verify or preview a directory of srt-shards WebDataset shards.')
+    p.add_argument('dir', help='shard directory (e.g. shards/msn)')
+    p.add_argument('--verify', action='store_true', help='check sha256 against the manifest, '
+                   'decode every sample, check every camera and image size')
+    p.add_argument('--contact-sheet', metavar='OUT.png', help='write a grid of the first scenes')
+    p.add_argument('--scenes', type=int, default=8, help='scenes in the contact sheet (default 8)')
+    p.add_argument('--split', help='split for the contact sheet (default: the first)')
+    args = p.parse_args(argv)
+    try:
+        rows = verify.summarize(args.dir)
+    except (OSError, ValueError) as e:
+        return _error(e)
+    print(f'{args.dir}: dataset {rows[0]["dataset"]}, schema v{rows[0]["schema_version"]}')
+    print(f'{"split":<8}{"scenes":>10}{"views":>7}{"shards":>8}{"MiB":>10}{"skipped":>9}')
+    for r in rows:
+        print(f'{r["split"]:<8}{r["scenes"]:>10}{r["views_per_scene"]:>7}{r["shards"]:>8}'
+              f'{r["bytes"] / 2**20:>10.1f}{r["skipped"]:>9}')
+    print('members per scene:', ' '.join(rows[0]['members']))
+    status = 0
+    if args.verify:
+        problems = verify.verify(args.dir)
+        for problem in problems:
+            print(f'PROBLEM: {problem}')
+        print(f'verify: {"OK" if not problems else f"{len(problems)} problem(s)"}')
+        status = 1 if problems else 0
+    if args.contact_sheet:
+        try:
+            print('contact sheet:', verify.contact_sheet(args.dir, args.contact_sheet, args.scenes,
+                                                         args.split))
+        except (OSError, ValueError) as e:
+            return _error(e)
+    return status
+
+
+def make_synthetic_main(argv: Sequence[str] | None = None,
+                        prog: str = 'srt-shards make-synthetic') -> int:
+    """``make-synthetic --format F --out DIR --scenes N``: CLEVR-like scenes in a real dataset's
+    on-disk format (docs/SYNTHETIC.md)."""
+    # The renderer's small matrix products are ~2x slower with OpenBLAS threads fighting over the
+    # cores; set before the generator (and numpy, in its worker processes) load.
+    os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+    from pipeline.synthetic import FORMATS, write_synthetic
+
+    p = argparse.ArgumentParser(
+        prog=prog, description='Render synthetic scenes and write them in a real dataset format.')
+    p.add_argument('--format', required=True, choices=FORMATS,
+                   help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
+                        'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
+                        '64x64 with plain scenes (the CPU demo)')
+    p.add_argument('--out', required=True, help='output directory (created if missing)')
+    p.add_argument('--scenes', required=True, type=int,
+                   help='number of scenes over all splits (80/10/10 train/val/test; MSN: '
+                        '90/10 train/test)')
+    p.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
+    p.add_argument('--workers', type=int, default=None,
+                   help='rendering processes (default: all cores)')
+    args = p.parse_args(argv)
+    if args.scenes < 1:
+        p.error(f'--scenes must be >= 1, got {args.scenes}')
+    if args.workers is not None and args.workers < 1:
+        p.error(f'--workers must be >= 1, got {args.workers}')
+    if args.seed < 0:
+        p.error(f'--seed must be >= 0, got {args.seed}')
+
+    from tqdm import tqdm
+    start = time.perf_counter()
+    try:
+        with tqdm(total=args.scenes, unit='scenes', desc=args.format, smoothing=0.1) as bar:
+            result = write_synthetic(args.format, args.out, args.scenes, args.seed,
+                                     workers=args.workers, progress=bar.update)
+    except (OSError, ValueError) as e:
+        return _error(e)
+    seconds = time.perf_counter() - start
+    splits = ', '.join(f'{s} {len(v)}' for s, v in result.scenes.items())
+    print(f'{args.format}: {args.scenes} scenes ({splits}) in {result.root} in {seconds:.1f} s '
+          f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour PNGs, mean '
+          f'{result.mean_png_bytes / 1024:.1f} KiB')
+    return 0
