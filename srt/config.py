@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from srt.data import DataConfig
-from srt.init import INIT_SCHEMES
+from srt.model.init import INIT_SCHEMES
 from srt.model import ModelConfig
 
 RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs')
@@ -80,7 +80,7 @@ class TrainingConfig:
     shards_per_visit: int = 8  # shards a data worker interleaves
     item_buffer: int = 256  # items in a data worker's shuffle buffer
     deterministic: bool = False  # torch deterministic algorithms (tests of exact resume)
-    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/init.py)
+    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/model/init.py)
 
     def __post_init__(self):
         if self.model_selection_mode not in ('maximize', 'minimize'):

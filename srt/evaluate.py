@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from srt.data import to_model_inputs
 from srt.metrics import mse2psnr, ssim
-from srt.renderer import render_rays
+from srt.model.rendering import render_rays
 
 
 @torch.no_grad()

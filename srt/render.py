@@ -21,7 +21,7 @@ import torch
 
 from pipeline import cameras
 from srt.data import SceneSource, choose_views, collate, key_seed, make_item, to_model_inputs
-from srt.renderer import render_image
+from srt.model.rendering import render_image
 
 MOTIONS = ('rotate', 'zoom', 'closeup', 'rotate_and_closeup', 'eyeroll')
 SENSOR_WIDTH = 0.032

@@ -31,7 +31,7 @@ from srt.data import to_model_inputs
 from srt.evaluate import evaluate
 from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, shard_table
 from srt.metrics import get_lr, mse2psnr
-from srt.init import make_model
+from srt.model.init import make_model
 from srt.model import count_parameters
 from srt.visualize import render_rotations, save_grid
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.cameras import transform_points_torch
 from srt.data import to_model_inputs
-from srt.renderer import render_image
+from srt.model.rendering import render_image
 
 
 def rotate_z(x: torch.Tensor, angle: float) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import yaml
 
 from srt import checkpoint as ckpt_lib
-from srt.encoder import conv3x3_constant_channels
-from srt.layers import Attention, positional_encoding
+from srt.model.encoder import conv3x3_constant_channels
+from srt.model.layers import Attention, positional_encoding
 from srt.model import SRT, ModelConfig, build_model, count_parameters
-from srt.renderer import render_image, render_rays
+from srt.model.rendering import render_image, render_rays
 from tests.conftest import ROOT, TESTVECTORS
 
 KEYS_FILE = ROOT / 'tests' / 'data' / 'reference_state_dict_keys.txt'
