@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline import tario
 from pipeline.decode import decode_png
 from pipeline.schema import CAMERAS, META, SCHEMA_VERSION, extra_member, rgb_member
 
@@ -54,6 +55,21 @@ def read_manifest(directory: str, split: str) -> dict[str, Any]:
 def shard_urls(directory: str, split: str) -> list[str]:
     """Paths of the split's shards, in manifest order."""
     return [os.path.join(directory, s['name']) for s in read_manifest(directory, split)['shards']]
+
+
+def render_range(directory: str, split: str = 'train') -> tuple[float, float]:
+    """(near, far) in world units of a split: the manifest's ``near``/``far`` if it has them, else
+    the first scene's ``meta.json`` (every scene of a dataset has the same range)."""
+    manifest = read_manifest(directory, split)
+    if 'near' in manifest and 'far' in manifest:
+        return float(manifest['near']), float(manifest['far'])
+    for url in shard_urls(directory, split):
+        with open(url, 'rb') as f:
+            for name, data, _ in tario.iter_members(f, url):
+                if tario.split_key(name)[1] == META:
+                    meta = json.loads(data)
+                    return float(meta['near']), float(meta['far'])
+    raise ShardError(f'{directory}: the {split} split has no scene to read near/far from')
 
 
 def _stored_npy(data: bytes, pos: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
