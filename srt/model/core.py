@@ -17,7 +17,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from srt.model.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
