@@ -81,7 +81,7 @@ class TrainState:
     run_id: str | None = None  # the wandb run's id
     data_state: dict | None = None  # the data streams' position in the resumed checkpoint
     start_it: int = 0  # the iteration this process started at
-    last_checkpoint: str = 'none'  # model.pt written or resumed last, for error messages
+    last_checkpoint: str = 'none yet'  # model.pt written or resumed last, for error messages
     lr: float = 0.0
     loss_sums: dict[str, Tensor] | None = None  # loss terms summed on the device since the record
     steps: int = 0  # optimizer steps since the last record
