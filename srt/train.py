@@ -1,12 +1,11 @@
 """Train SRT on shards: ``python -m srt.train --shards shards/msn`` (or under ``torchrun``).
 
 ``main`` reads top-down: flags, config, run time, model and streams, resume, loop. Each iteration of
-``train_loop`` does the interval work (checkpoint / evaluate / visualise, with ``it`` steps done:
-the reference's order), one optimizer step of ``grad_accum`` micro-batches and, every
-``print_every`` steps, one log record. Only rank 0 writes files; metrics are averaged over ranks.
-A non-finite loss stops the run, naming its iteration and the last checkpoint: on the GPU the check
-waits for the log record or the next checkpoint (no host sync per step), and no checkpoint is
-written after a non-finite loss; on the CPU it stops at once, before the optimizer step.
+``train_loop``: interval work (checkpoint / evaluate / visualise, with ``it`` steps done: the
+reference's order), one optimizer step of ``grad_accum`` micro-batches, every ``print_every`` steps a
+log record. Rank 0 writes the files; metrics are averaged over ranks. A non-finite loss stops the run
+naming its iteration and the last checkpoint, and no checkpoint is written after it: on the GPU the
+check waits for the next record or checkpoint (no host sync per step), on the CPU it is immediate.
 """
 from __future__ import annotations
 
@@ -119,11 +118,8 @@ class Run:
     bar: Any = None  # the loop's progress bar
 
     def __post_init__(self) -> None:
+        self.master = self.rank == 0  # rank 0 writes the files
         self.log = RunLog(self.out_dir, enabled=self.master)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
 
     def path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
@@ -134,7 +130,9 @@ def main(argv=None) -> int:
     rank, world, device = distributed.setup_distributed()
     try:
         manifest, eval_split = read_shards(args, rank == 0)
-        cfg = resolve_config(args, manifest['dataset'])
+        flags = {name: getattr(args, name) for name in run_config.TRAINING_OVERRIDES}
+        cfg = run_config.resolve(manifest['dataset'], args.config, args.model, flags,
+                                 args.num_points, args.full_scale, args.shards)
         runtime.configure(device, cfg.training.seed, cfg.training.deterministic)
         run = build(args, cfg, manifest, eval_split, rank, world, device)
         state = resume(run)
@@ -168,13 +166,6 @@ def read_shards(args: argparse.Namespace, master: bool) -> tuple[dict[str, Any],
     return manifest, eval_split
 
 
-def resolve_config(args: argparse.Namespace, dataset: str) -> run_config.RunConfig:
-    """The reference config or --config, then the flags."""
-    flags = {name: getattr(args, name) for name in run_config.TRAINING_OVERRIDES}
-    return run_config.resolve(dataset, args.config, args.model, flags, args.num_points,
-                              args.full_scale, args.shards)
-
-
 def build(args: argparse.Namespace, cfg: run_config.RunConfig, manifest: dict[str, Any],
           eval_split: str, rank: int, world: int, device: torch.device) -> Run:
     """The model (seeded, ``training.init``), its optimizer and the run's settings."""
@@ -199,22 +190,22 @@ def build(args: argparse.Namespace, cfg: run_config.RunConfig, manifest: dict[st
 def resume(run: Run) -> TrainState:
     """The run directory's model.pt continues at its iteration, LR, data position and RNG state;
     else --init's weights (ours or the reference's) start a fresh run; else fresh weights."""
-    ckpt_path, state = run.path('model.pt'), TrainState()
+    ckpt_path, state, origin = run.path('model.pt'), TrainState(), None
     if os.path.exists(ckpt_path):
         p = resume_training(ckpt_path, run.model, run.optimizer, run.resolved, run.device)
-        best = p['loss_val_best']
-        state = TrainState(it=int(p['it']), epoch_it=int(p['epoch_it']), elapsed=float(p['t']),
+        it, best = int(p['it']), p['loss_val_best']
+        state = TrainState(it=it, epoch_it=int(p['epoch_it']), elapsed=float(p['t']), start_it=it,
                            best=float(best) if best is not None and np.isfinite(best) else None,
-                           run_id=p['run_id'], data_state=p['data_state'], start_it=int(p['it']),
-                           last_checkpoint=f'{ckpt_path} (iteration {int(p["it"])})')
-        origin = ('resumed', ckpt_path, p['ours'])
+                           run_id=p['run_id'], data_state=p['data_state'],
+                           last_checkpoint=f'{ckpt_path} (iteration {it})')
+        origin = f'resumed from {ckpt_path} ({"srt-shards" if p["ours"] else "reference"}'
     elif run.args.init:
         ckpt = load_checkpoint(run.args.init, map_location=run.device)
         load_model_state(run.model, ckpt)
-        origin = ('initialised', run.args.init, ckpt.get('format') == CHECKPOINT_FORMAT)
-    if run.master and (os.path.exists(ckpt_path) or run.args.init):
-        print(f'{origin[0]} from {origin[1]} ({"srt-shards" if origin[2] else "reference"} '
-              f'checkpoint) at iteration {state.it}')
+        ours = ckpt.get('format') == CHECKPOINT_FORMAT
+        origin = f'initialised from {run.args.init} ({"srt-shards" if ours else "reference"}'
+    if run.master and origin:
+        print(f'{origin} checkpoint) at iteration {state.it}')
     return state
 
 
@@ -313,20 +304,18 @@ def _due(state: TrainState, every: int) -> bool:
 def run_validation(run: Run, state: TrainState) -> None:
     """Evaluate on the evaluation split; rank 0 logs it and keeps model_best.pt."""
     tc = run.cfg.training
-    bar = tqdm(total=None, desc=f'eval {run.eval_split}', unit='item', leave=False,
-               disable=not run.master)
+    bar = tqdm(desc=f'eval {run.eval_split}', unit='item', leave=False, disable=not run.master)
     summary, _ = evaluate(run.model, loader(run.eval_stream, min(tc.num_workers, 2)), run.device,
                           run.render_kwargs, run.autocast, run.args.full_scale, progress=bar)
     bar.close()
     if not run.master:
         return
-    metric = summary[tc.model_selection_metric]
     run.log.write({'it': state.it, **{f'val_{k}': v for k, v in summary.items()}})
     run.bar.write(f'it {state.it}: {run.eval_split} ' + ', '.join(
         f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in summary.items()))
     sign = 1.0 if tc.model_selection_mode == 'maximize' else -1.0
-    if state.best is None or sign * (metric - state.best) > 0:
-        state.best = metric
+    if state.best is None or sign * (summary[tc.model_selection_metric] - state.best) > 0:
+        state.best = summary[tc.model_selection_metric]
         write_checkpoint(run, state, run.path('model_best.pt'))
 
 
@@ -376,10 +365,9 @@ def train_step(run: Run, state: TrainState) -> None:
 
 def log_record(run: Run, state: TrainState) -> None:
     """One metrics.jsonl record: the loss terms averaged over steps, micro-batches and ranks."""
-    tc = run.cfg.training
     state.guard.check(state.last_checkpoint)
     steps, state.steps = state.steps, 0
-    avg = torch.stack(list(state.loss_sums.values())) / (steps * tc.grad_accum)
+    avg = torch.stack(list(state.loss_sums.values())) / (steps * run.cfg.training.grad_accum)
     avg = dict(zip(state.loss_sums, distributed.mean_over_ranks(avg).tolist()))
     state.loss_sums = None
     now = time.perf_counter()
