@@ -1,20 +1,33 @@
-"""Loading reference-format checkpoints (stelzner/srt) into :class:`srt.model.SRT`.
+"""Checkpoints: safe loading of ours and the reference's (stelzner/srt) into
+:class:`srt.model.SRT`, atomic saving, RNG state, resume checks and loading a model for evaluation.
 
 A reference checkpoint is a ``torch.save`` dict with ``encoder`` and ``decoder`` state dicts and
-optionally ``optimizer``, ``it``, ``epoch_it``, ``t``, ``loss_val_best`` and ``run_id``. Files are read
-with ``torch.load(..., weights_only=True)`` (no arbitrary code runs; numpy scalars, which older
-training scripts may have stored, are allowed). Saving is the trainer's business; it should store
-:func:`reference_state_dicts` of the unwrapped model so that the files stay reference-compatible.
+optionally ``optimizer``, ``it``, ``epoch_it``, ``t``, ``loss_val_best`` and ``run_id``. Ours adds
+``format`` (``CHECKPOINT_FORMAT``), the resolved ``config``, ``data_state`` and ``rng``; the model
+entries stay :func:`reference_state_dicts` of the unwrapped model, so the files stay
+reference-compatible. Files are read with ``torch.load(..., weights_only=True)`` (no arbitrary code
+runs; numpy scalars, which older training scripts may have stored, are allowed).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Union
+import random
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.reader import read_manifest
+from srt import config as run_config
+from srt.model import SRT
+
+CHECKPOINT_FORMAT = 'srt-shards/1'
+# Settings a resumed run must share with its checkpoint (others, e.g. intervals, may change).
+RESUME_IDENTITY = {'data': ('dataset', 'num_points', 'kwargs'),
+                   'model': ('encoder', 'encoder_kwargs', 'decoder', 'decoder_kwargs'),
+                   'training': ('batch_size', 'lr', 'lr_warmup', 'decay_it', 'lr_decay', 'seed',
+                                'grad_accum')}
 PARTS = ('encoder', 'decoder')
 WRAPPER_PREFIXES = ('_orig_mod.', 'module.')  # torch.compile, DistributedDataParallel / DataParallel
 StateDict = Dict[str, Tensor]
@@ -146,3 +159,108 @@ def reference_state_dicts(model: nn.Module) -> Dict[str, StateDict]:
     """{'encoder': ..., 'decoder': ...} of the unwrapped model: the reference checkpoint's entries."""
     model = unwrap(model)
     return {part: getattr(model, part).state_dict() for part in PARTS}
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+def save_checkpoint(path: Union[str, os.PathLike], payload: Mapping[str, Any]) -> None:
+    """Write atomically: a temporary file, fsync, rename (a kill never leaves half a checkpoint)."""
+    tmp = f'{os.fspath(path)}.tmp-{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(dict(payload), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    """The torch, numpy, Python (and CUDA) generators' states, storable with weights_only."""
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'numpy': np_state[1].tolist(), 'numpy_pos': np_state[2],
+             'python': list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(('MT19937', np.array(state['numpy'], np.uint32), state['numpy_pos'], 0, 0.0))
+    random.setstate((3, tuple(state['python']), None))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# Progress entries of a checkpoint (the reference's names), besides weights and optimizer.
+PROGRESS_DEFAULTS = {'it': 0, 'epoch_it': 0, 't': 0.0, 'loss_val_best': None, 'run_id': None}
+
+
+def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        progress: Mapping[str, Any], config: Mapping[str, Any],
+                        data_state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Our checkpoint: the reference's entries (weights of the unwrapped model, optimizer,
+    ``PROGRESS_DEFAULTS``' keys from ``progress``) plus format, resolved config, data-stream
+    position and RNG state."""
+    return {**reference_state_dicts(model), 'optimizer': optimizer.state_dict(),
+            **{k: progress[k] for k in PROGRESS_DEFAULTS}, 'format': CHECKPOINT_FORMAT,
+            'config': config, 'data_state': data_state, 'rng': rng_state()}
+
+
+def resume_training(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: Mapping[str, Any], map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Continue from ``path`` (ours or a reference checkpoint): load the weights and optimizer; for
+    ours, first check that ``config`` (resolved) agrees (:func:`check_resume`), and restore the RNG
+    state. Returns the progress entries (defaults where absent), ``data_state`` (None unless ours)
+    and ``ours``."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    load_model_state(model, ckpt)
+    ours = ckpt.get('format') == CHECKPOINT_FORMAT
+    if ours:
+        check_resume(ckpt['config'], config, path)
+    if 'optimizer' in ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if ours:
+        set_rng_state(ckpt['rng'])
+    progress = {k: ckpt.get(k, v) for k, v in PROGRESS_DEFAULTS.items()}
+    return {**progress, 'data_state': ckpt.get('data_state') if ours else None, 'ours': ours}
+
+
+def check_resume(ckpt_config: Mapping[str, Any], config: Mapping[str, Any], path: str) -> None:
+    """Raise CheckpointError naming every ``RESUME_IDENTITY`` setting in which the run's resolved
+    ``config`` differs from the checkpoint's."""
+    diffs = []
+    for section, keys in RESUME_IDENTITY.items():
+        for k in keys:
+            a, b = ckpt_config.get(section, {}).get(k), config[section].get(k)
+            if a != b:
+                diffs.append(f'{section}.{k}: checkpoint {a!r}, now {b!r}')
+    if diffs:
+        raise CheckpointError(f'{path} was trained with another config: ' + '; '.join(diffs) +
+                              ' (use another --out, or the checkpoint\'s settings)')
+
+
+def load_for_evaluation(checkpoint: str, shards: str, config: str | None = None,
+                        device: Any = 'cpu') -> Tuple[SRT, run_config.RunConfig, Dict[str, Any]]:
+    """(model, RunConfig, checkpoint dict) from our checkpoint (its config inside) or a reference
+    checkpoint (config from ``config``, else the reference config of the shards' dataset, with the
+    encoder/decoder type read off the weights). Raises CheckpointError when the config is for
+    another dataset than the shards hold."""
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    dataset = read_manifest(shards, 'train' if os.path.exists(
+        os.path.join(shards, 'train.manifest.json')) else 'test')['dataset']
+    if config is not None:
+        raw = run_config.load_yaml(config)
+    elif 'config' in ckpt:
+        raw = ckpt['config']
+    else:
+        isrt = any(k.startswith('allocation_transformer') for k in ckpt['decoder'])
+        nerf = any(k.startswith('coarse_net') for k in ckpt['decoder'])
+        raw = run_config.reference_config(dataset, 'vsrt' if nerf else 'isrt' if isrt else 'srt')
+    if raw['data']['dataset'] != dataset:
+        raise CheckpointError(f'the checkpoint\'s config is for {raw["data"]["dataset"]!r}, the '
+                              f'shards in {shards} hold {dataset!r}')
+    cfg = run_config.build(raw)
+    model = SRT(cfg.model).to(device)
+    load_model_state(model, ckpt)
+    return model, cfg, ckpt

@@ -6,18 +6,16 @@ written to the run directory and into every checkpoint.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
-import os
 from typing import Any
 
 import yaml
 
 from srt.data import DataConfig
-from srt.init import INIT_SCHEMES
+from srt.model.init import INIT_SCHEMES
 from srt.model import ModelConfig
-
-RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs')
 
 _TRAINING = {'num_workers': 1, 'batch_size': 256, 'model_selection_metric': 'psnr',
              'model_selection_mode': 'maximize', 'print_every': 10, 'visualize_every': 5000,
@@ -80,7 +78,7 @@ class TrainingConfig:
     shards_per_visit: int = 8  # shards a data worker interleaves
     item_buffer: int = 256  # items in a data worker's shuffle buffer
     deterministic: bool = False  # torch deterministic algorithms (tests of exact resume)
-    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/init.py)
+    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/model/init.py)
 
     def __post_init__(self):
         if self.model_selection_mode not in ('maximize', 'minimize'):
@@ -92,6 +90,17 @@ class TrainingConfig:
         for name in ('batch_size', 'grad_accum', 'max_it', 'print_every'):
             if getattr(self, name) < 1:
                 raise ValueError(f'training.{name} must be >= 1')
+
+    def micro_batch(self, world_size: int) -> int:
+        """Scenes per micro-batch per rank; ValueError unless the batch splits evenly."""
+        if self.batch_size % world_size:
+            raise ValueError(f'batch size {self.batch_size} is not divisible by the world size '
+                             f'{world_size}')
+        per_rank = self.batch_size // world_size
+        if per_rank % self.grad_accum:
+            raise ValueError(f'the per-rank batch {per_rank} is not divisible by --grad-accum '
+                             f'{self.grad_accum}')
+        return per_rank // self.grad_accum
 
 
 @dataclasses.dataclass
@@ -131,6 +140,70 @@ def load_yaml(path: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f'{path}: unknown top-level sections {sorted(unknown)}')
     return cfg
+
+
+# Training settings that have a command-line flag (``add_override_flags``), by their config names.
+TRAINING_OVERRIDES = ('batch_size', 'max_it', 'lr', 'lr_warmup', 'decay_it', 'precision', 'compile',
+                      'seed', 'print_every', 'validate_every', 'visualize_every', 'checkpoint_every',
+                      'backup_every', 'grad_accum', 'checkpointing', 'max_eval', 'deterministic',
+                      'num_workers')
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that override config settings: ``--num-points`` (data) and, with the destination
+    names of ``TRAINING_OVERRIDES``, the training section's (None: not given)."""
+    g = parser.add_argument_group('overrides of the config')
+    g.add_argument('--batch-size', type=int, help='global batch (scenes per optimizer step)')
+    g.add_argument('--num-points', type=int, help='target rays per scene')
+    g.add_argument('--max-it', type=int)
+    g.add_argument('--lr', type=float, help='peak learning rate')
+    g.add_argument('--lr-warmup', type=int)
+    g.add_argument('--decay-it', type=int)
+    g.add_argument('--precision', choices=('auto', 'bf16', 'fp32'))
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model (default: on for CUDA, off on CPU)')
+    g.add_argument('--workers', type=int, dest='num_workers',
+                   help='data-loading processes per rank')
+    g.add_argument('--seed', type=int)
+    g.add_argument('--print-every', type=int)
+    g.add_argument('--eval-every', type=int, dest='validate_every')
+    g.add_argument('--vis-every', type=int, dest='visualize_every')
+    g.add_argument('--checkpoint-every', type=int)
+    g.add_argument('--backup-every', type=int)
+    g.add_argument('--grad-accum', type=int, help='micro-batches per optimizer step')
+    g.add_argument('--activation-checkpointing', action=argparse.BooleanOptionalAction, default=None,
+                   dest='checkpointing', help='recompute transformer activations in backward')
+    g.add_argument('--max-eval', type=int, help='evaluate on the first N scenes only')
+    g.add_argument('--deterministic', action='store_true', default=None,
+                   help='deterministic torch algorithms (for exact-resume checks)')
+
+
+def resolve(dataset: str, config_path: str | None = None, model: str = 'srt',
+            training: dict[str, Any] | None = None, num_points: int | None = None,
+            full_scale: bool = False, shards: str = 'the shards') -> RunConfig:
+    """The run config, resolved in the order above: ``config_path``'s YAML, else the reference
+    config of ``dataset`` for ``model``; then the flags' ``training`` settings and ``num_points``
+    (None keeps the config's). ValueError for a config of another dataset than ``shards`` hold,
+    or a bad setting (naming it)."""
+    raw = load_yaml(config_path) if config_path else reference_config(dataset, model)
+    if raw['data']['dataset'] != dataset:
+        raise ValueError(f'the config is for dataset {raw["data"]["dataset"]!r} but {shards} '
+                         f'holds {dataset!r} shards')
+    return build(apply_overrides(raw, training or {}, num_points), full_scale=full_scale)
+
+
+def apply_overrides(raw: dict[str, Any], training: dict[str, Any],
+                    num_points: int | None = None) -> dict[str, Any]:
+    """``raw`` with the given training settings (None: keep the config's) and ``num_points``."""
+    section = raw.setdefault('training', {})
+    for name, value in training.items():
+        if name not in TRAINING_OVERRIDES:
+            raise ValueError(f'training.{name} cannot be overridden')
+        if value is not None:
+            section[name] = value
+    if num_points is not None:
+        raw['data']['num_points'] = num_points
+    return raw
 
 
 def build(raw: dict[str, Any], full_scale: bool = False) -> RunConfig:

@@ -77,7 +77,7 @@ def evaluate_baselines(shards: str, config: str, run_dir: str, max_eval: int, se
     from srt.evaluate import evaluate, summarize
     from srt.loader import EvalStream, loader, shard_table
     from srt.metrics import mse2psnr, ssim
-    from srt.init import make_model
+    from srt.model.init import make_model
 
     cfg = run_config.build(run_config.load_yaml(config))
     data = dataclasses.replace(cfg.data, full_scale=True)

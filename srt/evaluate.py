@@ -3,18 +3,27 @@
 ``python -m srt.evaluate``; results are gathered over DDP ranks."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import csv
 import dataclasses
+import json
 import os
+import sys
 from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
+from pipeline.reader import ShardError
+from srt import runtime
+from srt.checkpoint import CheckpointError, load_for_evaluation
 from srt.data import to_model_inputs
+from srt.distributed import gather_lists, setup_distributed, shutdown
+from srt.loader import EvalStream, loader, shard_table
 from srt.metrics import mse2psnr, ssim
-from srt.renderer import render_rays
+from srt.model.rendering import render_rays
 
 
 @torch.no_grad()
@@ -52,10 +61,7 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
                             **{k: float(v[i]) for k, v in values.items()}})
         if progress is not None:
             progress.update(len(batch['scene_key']))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = gather_lists(records)
     records.sort(key=lambda r: (r['scene_index'], r['item']))
     model.train(was_training)
     return summarize(records), records
@@ -73,35 +79,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_for_evaluation(checkpoint: str, shards: str, config: str | None = None, device='cpu'):
-    """(model, RunConfig, checkpoint dict) from our checkpoint (its config inside) or a reference
-    checkpoint (config from --config, else the reference config of the shards' dataset, with the
-    encoder type read off the weights)."""
-    from pipeline.reader import read_manifest
-    from srt import config as run_config
-    from srt.checkpoint import load_checkpoint, load_model_state
-    from srt.model import SRT
-
-    ckpt = load_checkpoint(checkpoint, map_location=device)
-    dataset = read_manifest(shards, 'train' if os.path.exists(
-        os.path.join(shards, 'train.manifest.json')) else 'test')['dataset']
-    if config is not None:
-        raw = run_config.load_yaml(config)
-    elif 'config' in ckpt:
-        raw = ckpt['config']
-    else:
-        isrt = any(k.startswith('allocation_transformer') for k in ckpt['decoder'])
-        nerf = any(k.startswith('coarse_net') for k in ckpt['decoder'])
-        raw = run_config.reference_config(dataset, 'vsrt' if nerf else 'isrt' if isrt else 'srt')
-    if raw['data']['dataset'] != dataset:
-        raise SystemExit(f'error: the checkpoint\'s config is for {raw["data"]["dataset"]!r}, the '
-                         f'shards in {shards} hold {dataset!r}')
-    cfg = run_config.build(raw)
-    model = SRT(cfg.model).to(device)
-    load_model_state(model, ckpt)
-    return model, cfg, ckpt
-
-
 def lpips_metric(device):
     """LPIPS (AlexNet) if the lpips package and its backbone weights are on this machine; no
     download ever happens at run time. Returns (fn or None, reason)."""
@@ -118,14 +95,7 @@ def lpips_metric(device):
             .flatten()), 'LPIPS (AlexNet)'
 
 
-def main(argv=None) -> int:
-    import argparse
-    import csv
-    import json as jsonlib
-
-    from srt.loader import EvalStream, loader, shard_table
-    from srt.train import setup_distributed
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description='Evaluate an SRT checkpoint (ours or the reference\'s) '
                                 'on a split of shards: PSNR (reference definition), SSIM, LPIPS.')
     p.add_argument('--shards', required=True, help='shard directory')
@@ -143,7 +113,31 @@ def main(argv=None) -> int:
     p.add_argument('--skip-bad', action='store_true', help='skip unreadable shards (counted)')
     p.add_argument('--out', help='directory for <split>_scenes.csv and <split>_summary.json '
                    '(default: the checkpoint\'s directory)')
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def write_report(out: str, split: str, summary: dict[str, Any], records: list[dict[str, Any]]
+                 ) -> str:
+    """``<split>_scenes.csv`` (per scene, its items' mean of each metric) and
+    ``<split>_summary.json`` in ``out``; returns the CSV's path."""
+    os.makedirs(out, exist_ok=True)
+    per_scene: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in records:
+        per_scene.setdefault((r['scene_index'], r['scene_key']), []).append(r)
+    csv_path = os.path.join(out, f'{split}_scenes.csv')
+    metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse') if k in records[0]]
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['scene_index', 'scene_key', 'items', *metrics])
+        for (index, key), rs in sorted(per_scene.items()):
+            w.writerow([index, key, len(rs), *(f'{np.mean([r[m] for r in rs]):.6f}'
+                                               for m in metrics)])
+    with open(os.path.join(out, f'{split}_summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return csv_path
+
+
+def run(args: argparse.Namespace) -> None:
     rank, world, device = setup_distributed()
     model, cfg, ckpt = load_for_evaluation(args.checkpoint, args.shards, args.config, device)
     full = not args.sampled
@@ -153,46 +147,35 @@ def main(argv=None) -> int:
     stream = EvalStream(data, shard_table(args.shards, args.split), args.batch_size, rank=rank,
                         world_size=world, max_scenes=args.max_eval, seed=seed,
                         skip_bad=args.skip_bad)
-    render_kwargs = {}
-    if cfg.model.decoder == 'nerf':
-        from srt.train import manifest_near_far
-        near, far = manifest_near_far(args.shards)
-        render_kwargs = {'min_dist': near, 'max_dist': far,
-                         'num_coarse_samples': cfg.training.num_coarse_samples,
-                         'num_fine_samples': cfg.training.num_fine_samples}
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
-        if args.precision == 'bf16' else contextlib.nullcontext
-    from tqdm import tqdm
     bar = tqdm(desc=f'evaluate {args.split}', unit='item', disable=rank != 0)
-    summary, records = evaluate(model, loader(stream, args.workers), device, render_kwargs,
-                                autocast, full_scale=full, progress=bar)
+    summary, records = evaluate(model, loader(stream, args.workers), device,
+                                runtime.render_kwargs(cfg, args.shards),
+                                runtime.autocast(device, args.precision), full_scale=full,
+                                progress=bar)
     bar.close()
     lpips_fn, lpips_note = lpips_metric(device) if full else (None, 'LPIPS needs full images')
     if rank == 0:
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        os.makedirs(out, exist_ok=True)
-        per_scene = {}
-        for r in records:
-            per_scene.setdefault((r['scene_index'], r['scene_key']), []).append(r)
-        csv_path = os.path.join(out, f'{args.split}_scenes.csv')
-        metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse') if k in records[0]]
-        with open(csv_path, 'w', newline='') as f:
-            w = csv.writer(f)
-            w.writerow(['scene_index', 'scene_key', 'items', *metrics])
-            for (index, key), rs in sorted(per_scene.items()):
-                w.writerow([index, key, len(rs), *(f'{np.mean([r[m] for r in rs]):.6f}'
-                                                   for m in metrics)])
         summary.update(checkpoint=os.path.abspath(args.checkpoint), split=args.split,
                        full_images=full, iteration=ckpt.get('it'), lpips=lpips_note,
                        seed=seed)
-        with open(os.path.join(out, f'{args.split}_summary.json'), 'w') as f:
-            jsonlib.dump(summary, f, indent=1)
+        csv_path = write_report(args.out or os.path.dirname(os.path.abspath(args.checkpoint)),
+                                args.split, summary, records)
         print(f'{args.split}: {summary["scenes"]} scenes, {summary["items"]} items: PSNR '
               f'{summary["psnr"]:.3f} dB' + (f', SSIM {summary["ssim"]:.4f}' if 'ssim' in summary
                                              else '') + f'\n{lpips_note}\nper-scene CSV: {csv_path}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        shutdown(barrier=False)
     return 0
 
 
 if __name__ == '__main__':
-    import sys
     sys.exit(main())

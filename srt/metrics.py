@@ -1,8 +1,6 @@
 """Learning-rate schedule and image metrics, as the reference defines them."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -48,5 +46,3 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean(dim=(1, 2, 3)).float()
 
-
-LOG10 = math.log(10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from pipeline.cameras import transform_points_torch
 from srt.data import to_model_inputs
-from srt.renderer import render_image
+from srt.model.rendering import render_image
 
 
 def rotate_z(x: torch.Tensor, angle: float) -> torch.Tensor:
@@ -78,3 +79,13 @@ def save_grid(path: str, inputs: np.ndarray, renders: list[np.ndarray], depths: 
         draw.text((c * (w + pad) + 2, 1), name, fill=(0, 0, 0))
     img.save(path)
     return path
+
+
+def write_rotation_grids(out_dir: str, model, batches: dict[str, dict[str, Any]], device,
+                         render_kwargs: dict[str, Any], autocast=contextlib.nullcontext) -> None:
+    """``renders-<name>.png`` in ``out_dir`` for each named batch (the trainer's visualisation)."""
+    for name, batch in batches.items():
+        inputs, renders, depths = render_rotations(model, batch, device, render_kwargs,
+                                                   autocast=autocast)
+        save_grid(os.path.join(out_dir, f'renders-{name}.png'), inputs, renders, depths,
+                  far=render_kwargs.get('max_dist'))

@@ -12,7 +12,7 @@ from pipeline.index import SceneIndex
 from pipeline.reader import Scene
 from srt.data import DataConfig
 from srt.model import ModelConfig, SRT
-from srt.render import MOTIONS, render_motion
+from srt.video import MOTIONS, render_motion
 from tests.conftest import ENV, ROOT, train_cmd, write_config
 
 
@@ -59,7 +59,7 @@ def test_every_motion_renders_a_clip(nmr_shards, tmp_path, decoder):
 
 
 def test_motions_move_the_camera_as_described():
-    from srt.render import motion_camera
+    from srt.video import motion_camera
     pos = np.array([3.0, 0.0, 2.0])
     _, start = motion_camera('rotate', pos, 0.0, 8, 8)
     _, quarter = motion_camera('rotate', pos, 0.25, 8, 8)
@@ -92,3 +92,36 @@ def test_render_video_tool_writes_a_playable_mp4(nmr_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with av.open(str(tmp_path / 'video/video.mp4')) as video:
         assert sum(1 for _ in video.decode(video=0)) == 3
+
+
+def test_video_of_a_volumetric_model_uses_the_configured_sample_counts(nmr_shards, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    from srt.checkpoint import reference_state_dicts
+    from srt.render import main as render_main
+    from srt.video import load_scene
+    torch.manual_seed(0)
+    small = {'pos_start_octave': -5, 'num_att_blocks': 1}
+    model = SRT(ModelConfig(encoder_kwargs={**small, 'num_conv_blocks': 3}, decoder='nerf',
+                            decoder_kwargs=small))
+    torch.save({**reference_state_dicts(model), 'it': 0}, tmp_path / 'model.pt')
+    (tmp_path / 'config.yaml').write_text(
+        'data: {dataset: nmr}\nmodel:\n  encoder_kwargs: {pos_start_octave: -5, num_conv_blocks: 3, '
+        'num_att_blocks: 1}\n  decoder: nerf\n  decoder_kwargs: {pos_start_octave: -5, '
+        'num_att_blocks: 1}\ntraining: {num_coarse_samples: 3, num_fine_samples: 2}\n')
+    args = ['--shards', nmr_shards, '--checkpoint', tmp_path / 'model.pt', '--config',
+            tmp_path / 'config.yaml', '--scene', '0', '--num-frames', '2', '--height', '8',
+            '--width', '8', '--out', tmp_path / 'cli']
+    assert render_main(list(map(str, args))) == 0
+
+    def frames(directory):
+        return [np.asarray(Image.open(directory / 'frames' / f'{f:04d}.png')) for f in range(2)]
+    scene = load_scene(str(nmr_shards), 'val', '0')
+    near_far = {'min_dist': 2.0, 'max_dist': 4.0}  # NMR's render range (its meta.json)
+    for name, counts in (('configured', {'num_coarse_samples': 3, 'num_fine_samples': 2}),
+                         ('defaults', {})):  # the decoder's own 128 + 64
+        render_motion(model, scene, DataConfig('nmr'), 'rotate', 2, str(tmp_path / name), 8, 8,
+                      render_kwargs={**near_far, **counts})
+    cli = frames(tmp_path / 'cli')
+    assert all(np.array_equal(a, b) for a, b in zip(cli, frames(tmp_path / 'configured')))
+    assert not all(np.array_equal(a, b) for a, b in zip(cli, frames(tmp_path / 'defaults')))

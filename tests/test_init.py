@@ -1,8 +1,8 @@
-"""Initialisation schemes of a fresh model (srt/init.py)."""
+"""Initialisation schemes of a fresh model (srt/model/init.py)."""
 import pytest
 import torch
 
-from srt.init import make_model
+from srt.model.init import make_model
 from srt.model import ModelConfig
 
 SMALL = dict(encoder_kwargs={'num_conv_blocks': 2, 'num_att_blocks': 1},

@@ -1,4 +1,5 @@
 """The SRT model family: parity with the reference model's outputs, checkpoint format, shapes, gradients."""
+import copy
 import functools
 import zlib
 
@@ -9,10 +10,10 @@ import torch.nn.functional as F
 import yaml
 
 from srt import checkpoint as ckpt_lib
-from srt.encoder import conv3x3_constant_channels
-from srt.layers import Attention, positional_encoding
+from srt.model.encoder import conv3x3_constant_channels
+from srt.model.layers import Attention, positional_encoding
 from srt.model import SRT, ModelConfig, build_model, count_parameters
-from srt.renderer import render_image, render_rays
+from srt.model.rendering import render_image, render_rays
 from tests.conftest import ROOT, TESTVECTORS, tiny_batch
 
 KEYS_FILE = ROOT / 'tests' / 'data' / 'reference_state_dict_keys.txt'
@@ -97,6 +98,26 @@ def test_state_dict_is_the_reference_format(config):
     assert count_parameters(model) == total
 
 
+def _differently_initialised(model):
+    """A copy of ``model`` in which every floating-point tensor of its state differs."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for value in other.state_dict().values():
+            if value.is_floating_point():
+                value.add_(1.0)
+    assert not any(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     other.state_dict().values())
+                   if a.is_floating_point())
+    return other
+
+
+def assert_same_state(model, other):
+    want, got = model.state_dict(), other.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), \
+        [k for k in want if not torch.equal(got[k], want[k])][:5]
+
+
 def test_checkpoint_file_round_trip_and_wrapped_prefixes(tmp_path):
     model = build_model(CONFIGS['isrt'])
     state = ckpt_lib.reference_state_dicts(model)
@@ -104,17 +125,21 @@ def test_checkpoint_file_round_trip_and_wrapped_prefixes(tmp_path):
     path = tmp_path / 'model.pt'
     torch.save({**state, 'optimizer': optimizer.state_dict(), 'it': 7, 'epoch_it': 1, 't': 3.5,
                 'loss_val_best': np.float64(-np.inf), 'run_id': 'abc'}, path)
-    other = build_model(CONFIGS['isrt'])
+    other = _differently_initialised(model)
     rest = ckpt_lib.load_reference_checkpoint(other, path)
     assert rest['it'] == 7 and rest['run_id'] == 'abc' and 'optimizer' in rest
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert_same_state(model, other)
 
     # State dicts of a compiled / DDP-wrapped module, and a bare whole-model state dict.
     wrapped = {part: {f'module._orig_mod.{k}': v for k, v in sd.items()} for part, sd in state.items()}
+    other = _differently_initialised(model)
     ckpt_lib.load_model_state(other, wrapped)
+    assert_same_state(model, other)
     flat = {f'_orig_mod.{k}': v for k, v in model.state_dict().items()}
     torch.save(flat, tmp_path / 'flat.pt')
+    other = _differently_initialised(model)
     ckpt_lib.load_reference_checkpoint(other, tmp_path / 'flat.pt')
+    assert_same_state(model, other)
 
 
 def test_checkpoint_mismatch_is_reported_clearly():

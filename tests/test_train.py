@@ -162,9 +162,97 @@ def test_readme_flags_stream_from_a_url_checkpoint_accumulate_and_evaluate(nmr_s
     np.testing.assert_allclose(list(losses(full).values()), list(want.values()), rtol=1e-5,
                                atol=1e-8)
     # --grad-accum splits each global batch of 2 into micro-batches of 1 (other batches, so other
-    # losses): it runs the same number of optimizer steps.
+    # losses): it runs the same number of optimizer steps. That the update is the full batch's is
+    # test_grad_accumulation_gives_the_full_batch_update.
     accum = tmp_path / 'accum'
     subprocess.run(train_cmd(nmr_shards, config, accum, '--grad-accum', 2), env=ENV, cwd=ROOT,
                    check=True, capture_output=True)
     got = losses(accum)
     assert sorted(got) == [1, 2, 3] and all(np.isfinite(v[0]) for v in got.values())
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_iteration_and_the_last_checkpoint(
+        nmr_shards, tmp_path):
+    # lr 1e30 from the first step (no warm-up): Adam moves every weight by ~1e30, so the second
+    # step's forward pass overflows.
+    config = write_config(tmp_path / 'tiny.yaml', max_it=6, checkpoint_every=1, print_every=3)
+    run = tmp_path / 'run'
+    proc = subprocess.run(train_cmd(nmr_shards, config, run, '--lr', 1e30, '--lr-warmup', 0),
+                          env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'loss became non-finite (NaN or inf) at iteration 2;' in proc.stderr
+    assert f'Last checkpoint: {run / "model.pt"} (iteration 1)' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    ckpt = torch.load(run / 'model.pt', weights_only=True)  # the step-1 weights, never later ones
+    assert ckpt['it'] == 1 and not list(run.glob('model_best.pt'))
+    assert all(torch.isfinite(v).all() for part in ('encoder', 'decoder') for v in ckpt[part].values())
+
+
+def test_finite_guard_names_the_first_non_finite_iteration():
+    from srt.loss import FiniteGuard, NonFiniteLoss
+    guard = FiniteGuard('cpu')
+    guard.note(torch.tensor(0.5), 1)
+    guard.check('model.pt (iteration 0)')  # finite so far
+    guard.note(torch.tensor(float('nan')), 2)
+    guard.note(torch.tensor(float('inf')), 3)
+    guard.note(torch.tensor(0.5), 4)
+    with pytest.raises(NonFiniteLoss, match=r'at iteration 2;.*Last checkpoint: model.pt \(iter'):
+        guard.check('model.pt (iteration 0)')
+
+
+def _raw_batch(b, seed, h=16, w=16, p=24, k=1, t=2):
+    """A collated batch as the training stream yields it (uint8 pixels, per-view ray matrices)."""
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(b, k + t, 3, 3)).astype(np.float32)
+    return {'input_images': rng.integers(0, 256, (b, k, h, w, 3), np.uint8),
+            'input_M': M[:, :k], 'input_pos': rng.normal(size=(b, k, 3)).astype(np.float32),
+            'target_pixels': rng.integers(0, 256, (b, p, 3), np.uint8),
+            'target_uv': rng.integers(0, min(h, w), (b, p, 2)).astype(np.int16),
+            'target_view': rng.integers(0, t, (b, p)).astype(np.int16),
+            'target_M': M[:, k:], 'target_pos': rng.normal(size=(b, t, 3)).astype(np.float32),
+            'input_grid': np.tile(np.array([0, 1], np.int16), (b, 1)),
+            'target_hw': np.tile(np.array([h, w], np.int16), (b, 1)),
+            'scene_key': [f's{i}' for i in range(b)], '_pos': np.array([0, 0, 1]),
+            '_bad': np.array(0)}
+
+
+def _one_train_step(batches, grad_accum, lr=0.5):
+    """Parameters before and after srt.train's step over ``batches`` (one per micro-batch), from
+    the same initial weights, with SGD: its update is the gradient itself (Adam's first update,
+    lr * g / |g|, would hide a wrongly scaled gradient)."""
+    import argparse
+    import contextlib
+
+    from srt import config as run_config
+    from srt import train
+    from srt.loader import StreamState
+    from srt.loss import FiniteGuard
+    from srt.model.init import make_model
+    raw = json.loads(json.dumps(TINY))
+    raw['training'].update(batch_size=2, grad_accum=grad_accum, lr=lr, lr_warmup=0)
+    cfg = run_config.build(raw)
+    model = make_model(cfg.model, 0, 'torch')
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    run = train.Run(args=argparse.Namespace(debug_ddp=False), cfg=cfg, resolved={}, rank=0, world=1,
+                    device=torch.device('cpu'), micro=cfg.training.micro_batch(1), out_dir='unused',
+                    eval_split='val', num_views=3, model=model,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.0), render_kwargs={},
+                    autocast=contextlib.nullcontext, compiled=False, step_model=model,
+                    stream_state=StreamState(0, 1, 1, 2 // grad_accum), train_iter=iter(batches))
+    state = train.TrainState(guard=FiniteGuard('cpu'))
+    train.train_step(run, state)
+    assert state.it == 1 and next(run.train_iter, None) is None  # every micro-batch consumed
+    mean_mse = float(state.loss_sums['mse']) / grad_accum  # what the log record averages
+    return {k: v.detach() - before[k] for k, v in model.named_parameters()}, mean_mse
+
+
+def test_grad_accumulation_gives_the_full_batch_update():
+    full = _raw_batch(2, seed=1)
+    halves = [{k: v[i:i + 1] if k not in ('_pos', '_bad') else v for k, v in full.items()}
+              for i in range(2)]
+    want, want_mse = _one_train_step([full], grad_accum=1)
+    got, got_mse = _one_train_step(halves, grad_accum=2)
+    assert any(float(u.abs().max()) > 1e-4 for u in want.values())  # the step moves the weights
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert abs(got_mse - want_mse) <= 1e-6 * want_mse

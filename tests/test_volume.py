@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srt import volume
-from srt.decoder import NerfDecoder
+from srt.model import volume
+from srt.model.decoder import NerfDecoder
 
 
 def slab_expected(sigma, t0, t1, color):

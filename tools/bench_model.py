@@ -7,7 +7,9 @@ All rows start from the same weights and see the same batch; their steps are int
 included) are excluded; the table gives the median and fastest step, the ratios of medians and of
 minima to the baseline, the achieved GFLOP/s (FLOPs of the reference computation counted by
 ``torch.utils.flop_counter``, over the median), the peak resident memory a step adds, and each row's
-first loss (all rows compute the same model from the same weights).
+first loss (all rows compute the same model from the same weights). Every row times the trainer's
+step: ``srt.loss.srt_loss`` (the loss ``srt.train`` optimises) over the model, compiled as the trainer
+compiles it (``torch.compile(model)``), then backward and Adam.
 
 CPU rows: ``fp32 eager explicit`` (the reference's way: explicit softmax attention, all 183 input planes
 through the first convolution, torch's default Adam; the baseline), ``fp32 eager sdpa`` (ours), ``bf16 eager``
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from srt import runtime  # noqa: E402
+from srt.loss import srt_loss  # noqa: E402
 from srt.model import SRT, ModelConfig, count_parameters  # noqa: E402
 
 SHAPES = {  # name: (batch, input views, image size, target rays)
@@ -131,7 +135,7 @@ class PeakRSS:
 
 
 class Runner:
-    """One row: its own copy of the weights, optimizer and (possibly compiled) loss function."""
+    """One row: its own copy of the weights and optimizer, and the trainer's step over them."""
 
     def __init__(self, variant: Variant, base: SRT, batch: Dict[str, torch.Tensor],
                  device: torch.device) -> None:
@@ -144,23 +148,17 @@ class Runner:
         self.model.train()
         # fused=False is torch's default Adam (the reference's); fused=True runs one kernel per dtype.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=variant.fused_adam)
-        self.loss_fn: Callable = self._loss
-        if variant.compile:
-            self.loss_fn = torch.compile(self._loss, fullgraph=True)
+        # The trainer's step: its loss (srt.loss.srt_loss) over the model, compiled as it compiles it.
+        self.step_model = torch.compile(self.model) if variant.compile else self.model
+        self.autocast = runtime.autocast(device, 'bf16' if variant.bf16 else 'fp32')
         self.times: List[float] = []
         self.first_loss: Optional[float] = None
         self.step_rss = 0  # bytes of resident memory a step adds (peak during the step minus before)
         self.step_gpu_mem = 0  # bytes, peak GPU memory allocated during a step
 
-    def _loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.variant.bf16):
-            pixels, _ = self.model(batch['input_images'], batch['input_camera_pos'], batch['input_rays'],
-                                   batch['target_camera_pos'], batch['target_rays'])
-        return (pixels.float() - batch['target_pixels']).square().mean((1, 2)).mean()
-
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.batch)
+        loss, _ = srt_loss(self.step_model, self.batch, {}, self.autocast)
         loss.backward()
         self.optimizer.step()
         return loss.detach()

@@ -17,12 +17,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
-import torch
 from torch import Tensor, nn
 
-from srt.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
-from srt.encoder import ImprovedSRTEncoder, SRTEncoder
-from srt.layers import ATTENTION_IMPLS, set_attention_impl, set_checkpointing
+from srt.model.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
+from srt.model.encoder import ImprovedSRTEncoder, SRTEncoder
+from srt.model.layers import ATTENTION_IMPLS, set_attention_impl, set_checkpointing
 
 ENCODERS = {'srt': SRTEncoder, 'isrt': ImprovedSRTEncoder}
 DECODERS = {'lightfield': SRTDecoder, 'isrt': ImprovedSRTDecoder, 'nerf': NerfDecoder}

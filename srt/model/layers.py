@@ -84,20 +84,6 @@ class RayEncoder(nn.Module):
         """camera_pos [..., 3], rays [..., 3] (same leading shape) -> [..., 180]."""
         return torch.cat((self.pos_encoding(camera_pos), self.ray_encoding(rays)), dim=-1)
 
-    def encode_image(self, camera_pos: Tensor, rays: Tensor) -> Tensor:
-        """Image-shaped code of one camera per image.
-
-        Args:
-            camera_pos: [b, 3]
-            rays: [b, h, w, 3]
-        Returns:
-            [b, 180, h, w], a channels-last view (position channels first, constant over the image).
-        """
-        b, h, w, _ = rays.shape
-        pos_code = self.pos_encoding(camera_pos)[:, None, None, :].expand(b, h, w, -1)
-        code = torch.cat((pos_code, self.ray_encoding(rays)), dim=-1)  # [b, h, w, 180]
-        return code.permute(0, 3, 1, 2)
-
 
 class PreNorm(nn.Module):
     """``fn(LayerNorm(x), **kwargs)``; the norm is only applied to the first argument."""

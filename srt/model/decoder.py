@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from srt import volume
-from srt.layers import AttentionImpl, PositionalEncoding, RayEncoder, Transformer
+from srt.model import volume
+from srt.model.layers import AttentionImpl, PositionalEncoding, RayEncoder, Transformer
 
 LATENT_DIM = 768
 Extras = Dict[str, Tensor]

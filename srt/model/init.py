@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from srt.model import SRT, ModelConfig
+from srt.model.core import SRT, ModelConfig
 
 INIT_SCHEMES = ('he', 'torch')
 

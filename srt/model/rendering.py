@@ -22,7 +22,7 @@ def render_rays(model_or_decoder: nn.Module, z: Tensor, camera_pos: Tensor, rays
     """Decode rays ``chunk`` at a time per scene and concatenate.
 
     Args:
-        model_or_decoder: an :class:`srt.model.SRT` (its ``decoder`` is used) or a decoder.
+        model_or_decoder: an :class:`srt.model.core.SRT` (its ``decoder`` is used) or a decoder.
         z: [b, n, 768] scene latents.
         camera_pos: [b, r, 3] ray origins; rays: [b, r, 3] unit directions.
         chunk: rays per scene per decoder call.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from srt.layers import AttentionImpl, RayEncoder, Transformer
+from srt.model.layers import AttentionImpl, RayEncoder, Transformer
 
 LATENT_DIM = 768
 
