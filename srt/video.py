@@ -21,7 +21,7 @@ import torch
 from pipeline import cameras
 from pipeline.index import read_scene
 from pipeline.reader import Scene
-from srt.data import collate, key_seed, scene_item, to_model_inputs
+from srt.data import choose_views, collate, key_seed, make_item, to_model_inputs
 from srt.model.rendering import render_image
 
 MOTIONS = ('rotate', 'zoom', 'closeup', 'rotate_and_closeup', 'eyeroll')
@@ -117,7 +117,8 @@ def render_motion(model, scene: Scene, data_cfg, motion: str, num_frames: int, o
     from PIL import Image
     render_kwargs = {**(render_kwargs or {}), 'deterministic': True}
     rng = np.random.default_rng(key_seed(scene.key, seed))
-    batch = collate([scene_item(data_cfg, scene, 0, rng)])
+    inputs, targets = choose_views(data_cfg, scene.num_views, 0, rng)
+    batch = collate([make_item(data_cfg, scene, inputs, targets, rng)])
     x = to_model_inputs(batch, device)
     model.eval()
     with autocast():
