@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -228,7 +229,7 @@ def _one_train_step(batches, grad_accum, lr=0.5):
     from srt.loader import StreamState
     from srt.loss import FiniteGuard
     from srt.model.init import make_model
-    raw = json.loads(json.dumps(TINY))
+    raw = json.loads(json.dumps(TINY_TRAIN))
     raw['training'].update(batch_size=2, grad_accum=grad_accum, lr=lr, lr_warmup=0)
     cfg = run_config.build(raw)
     model = make_model(cfg.model, 0, 'torch')
