@@ -360,3 +360,26 @@ def test_local_paths_open_directly_and_the_pieces_pickle(tmp_path):
     assert all(0.5 * min(8, 2 ** (k - 1)) <= d <= min(8, 2 ** (k - 1)) for k, d in zip(range(1, 7), delays))
     with pytest.raises(ValueError, match='--fetch-timeout'):
         RetryPolicy(timeout=0)
+
+
+def test_converted_shards_stream_through_faults_with_their_manifest(tmp_path):
+    """The converter's own shards and manifest entries (NMR test vectors), served with faults."""
+    from pipeline.convert import ConvertConfig, convert
+    from pipeline.reader import decode_scene, read_manifest
+    from tests.conftest import TESTVECTORS
+    out = tmp_path / 'shards'
+    convert(ConvertConfig(dataset='nmr', src=str(TESTVECTORS / 'sources' / 'nmr'), out=str(out),
+                          splits=['train'], scenes_per_shard=1, progress=False))
+    entries = read_manifest(str(out), 'train')['shards']
+    files = {e['name']: (out / e['name']).read_bytes() for e in entries}
+    with FaultyServer(files) as srv:
+        srv.faults = {entries[0]['name']: [('reset', 20_000)],
+                      entries[1]['name']: [('status', 500), ('truncate', 40_000)]}
+        f = fetcher(tmp_path, cache=True)
+        for e in entries:
+            got = members(f.open(srv.url(e['name']), e))
+            assert got == list(tario.iter_members_bytes(files[e['name']]))
+            sample = {'__key__': tario.split_key(got[0][0])[0], '__url__': srv.url(e['name'])}
+            sample.update((tario.split_key(n)[1], d) for n, d in got)
+            assert decode_scene(sample, views=[0]).images.shape == (1, 64, 64, 3)
+        assert f.counters.get('retries') == 3 and f.counters.get('cache_misses') == 2
