@@ -3,8 +3,9 @@
 Each path serves fixed bytes. Faults are scripted per path and used up one per request, in order
 (after the script, requests are served normally): ``('status', 500)``, ``('reset', n)`` (send n body
 bytes, then a TCP reset), ``('truncate', n)`` (n bytes, then a clean close before Content-Length),
-``('stall', seconds, n)`` (n bytes, then silence). ``flip`` holds (path, offset) pairs whose byte is
-always served inverted; ``ranges=False`` ignores ``Range`` headers (answers 200 with every byte).
+``('stall', seconds, n)`` (n bytes, then silence), ``('late', seconds)`` (silence before the
+response). ``flip`` holds (path, offset) pairs whose byte is always served inverted;
+``ranges=False`` ignores ``Range`` headers (answers 200 with every byte).
 ``requests`` logs (path, range start or None, status) of every request.
 """
 from __future__ import annotations
@@ -71,6 +72,9 @@ class FaultyServer:
                 if server.ranges and rng and rng.startswith('bytes=') and rng.endswith('-'):
                     start = int(rng[6:-1])
                 fault, over = server._next(path, start)
+                if fault and fault[0] == 'late':
+                    server._stop.wait(fault[1])
+                    fault = None
                 if over or (fault and fault[0] == 'status') or path not in server.files:
                     code = 503 if over else fault[1] if fault else 404
                     self.send_response(code)

@@ -136,16 +136,18 @@ def test_persistent_server_errors_give_up_after_the_bounded_retries(tmp_path):
     assert os.listdir(tmp_path / 'tmp') == []  # the partial download is gone
 
 
-def test_slow_response_times_out_and_is_retried(tmp_path):
+@pytest.mark.parametrize('fault,resume', [(('stall', 5.0, 4096), 4096), (('late', 5.0), None)],
+                         ids=['mid-body', 'before-headers'])
+def test_slow_response_times_out_and_is_retried(tmp_path, fault, resume):
     name = NAMES[2]
     with FaultyServer(FILES) as srv:
-        srv.faults[name] = [('stall', 5.0, 4096)]
+        srv.faults[name] = [fault]
         f = fetcher(tmp_path, retry=RetryPolicy(retries=2, backoff=0.001, timeout=0.3))
         t0 = time.monotonic()
         assert members(f.open(srv.url(name), ENTRIES[name])) == expected(name)
         assert time.monotonic() - t0 < 3
-        assert f.counters.get('retries/timeout') == 1
-        assert srv.requests[1][1] == 4096
+        assert f.counters.get('retries/timeout') == 1 and f.counters.get('retries') == 1
+        assert srv.requests[1][1] == resume
 
 
 def test_server_without_ranges_restarts_and_skips_what_was_delivered(tmp_path):
