@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import BinaryIO, Iterator
 
+from pipeline.durable import fsync_dir
 from pipeline.remote import FetchCounters
 
 _TMP = '.tmp'
@@ -36,14 +37,6 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -147,7 +140,7 @@ class ShardCache:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp_rec, self._record(sha256))
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
             self._touch(sha256)
             return open(self._tar(sha256), 'rb')  # under the lock: no eviction in between
 
