@@ -197,7 +197,7 @@ class _Http:
         except (OSError, HTTPException) as e:
             raise _Transient(_reason_of(e), f'{type(e).__name__}: {e}') from None
         validator = resp.headers.get('ETag') or resp.headers.get('Last-Modified')
-        if self.validator is None:
+        if not offset or self.validator is None:  # nothing delivered yet: any version will do
             self.validator = validator
         elif validator and validator != self.validator:
             resp.close()

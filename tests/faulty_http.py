@@ -5,7 +5,8 @@ Each path serves fixed bytes. Faults are scripted per path and used up one per r
 bytes, then a TCP reset), ``('truncate', n)`` (n bytes, then a clean close before Content-Length),
 ``('stall', seconds, n)`` (n bytes, then silence), ``('late', seconds)`` (silence before the
 response). ``flip`` holds (path, offset) pairs whose byte is always served inverted;
-``ranges=False`` ignores ``Range`` headers (answers 200 with every byte).
+``ranges=False`` ignores ``Range`` headers (answers 200 with every byte); ``etags`` are the ETags
+of the next responses (an object replaced while it is read).
 ``requests`` logs (path, range start or None, status) of every request.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ class FaultyServer:
         self.files, self.ranges, self.max_requests = dict(files), ranges, max_requests
         self.faults: dict[str, list[tuple]] = {}
         self.flip: set[tuple[str, int]] = set()
+        self.etags: list[str] = []  # ETag of each next response (then '"v1"')
         self.requests: list[tuple[str, int | None, int]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,7 +94,9 @@ class FaultyServer:
                     self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
                     body = body[start:]
                 self.send_header('Content-Length', str(len(body)))
-                self.send_header('ETag', '"v1"')
+                with server._lock:
+                    etag = server.etags.pop(0) if server.etags else '"v1"'
+                self.send_header('ETag', etag)
                 self.end_headers()
                 if fault is None:
                     self.wfile.write(body)

@@ -99,6 +99,16 @@ def test_truncated_body_is_a_short_read_resumed_with_range(tmp_path):
         assert c['retries/short_read'] == 1 and c['resumed'] == 1 and c['retries'] == 1
 
 
+def test_object_replaced_while_read_is_an_error_not_a_splice(tmp_path):
+    name = NAMES[0]
+    with FaultyServer(FILES) as srv:
+        srv.faults[name] = [('truncate', 5000)]
+        srv.etags = ['"v1"', '"v2"']
+        with pytest.raises(ShardFetchError, match='changed while it was read') as e:
+            members(fetcher(tmp_path).open(srv.url(name), None))
+        assert e.value.reason == 'changed'
+
+
 def test_server_errors_then_success(tmp_path):
     name = NAMES[0]
     with FaultyServer(FILES) as srv:
