@@ -45,6 +45,7 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     """The command line of one converter (``tools/convert_<fmt>.py``, ``convert <fmt>``)."""
     from pipeline.convert import DEFAULT_SHARD_BYTES, ConvertConfig, ConvertError, convert, \
         task_from_environment
+    from pipeline.durable import OutputError
     from pipeline.schema import SCHEMA_VERSION, SourceError
 
     datasets = CONVERTERS[fmt]
@@ -101,6 +102,8 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     except SourceError as e:
         return _error(e, '(the run stopped; no partial shard is visible. Fix the source, or rerun '
                          'with --skip-bad to record bad scenes and go on)')
+    except OutputError as e:
+        return _error(e, '(no partial shard is visible; complete shards are kept: rerun to continue)')
     except ConvertError as e:
         return _error(e)
     for split, s in summaries.items():

@@ -15,6 +15,7 @@ settings); the command line (``pipeline/cli.py``) turns them into messages and e
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline import tario
+from pipeline.durable import OutputError, atomic_write, output_error
 from pipeline.schema import SCHEMA_VERSION, SourceError, encode_scene, json_bytes
 from pipeline.sources import open_source
 
@@ -86,12 +88,7 @@ def shard_name(split: str, index: int) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data, os.path.basename(path))
 
 
 def _read_json(path: str):
@@ -173,7 +170,23 @@ def _bad_scene(split: str, ref, index: int, err: Exception) -> dict[str, Any]:
 
 
 def write_shard(job: dict) -> dict[str, Any]:
-    """Write one shard (runs in a worker process). Returns its record."""
+    """Write one shard (runs in a worker process). Returns its record. A failing output (disk
+    full, read-only...) raises OutputError and leaves no partial file behind."""
+    name = shard_name(job['split'], job['index'])
+    tmp = os.path.join(job['out'], WORK_DIR, f'{name}.partial')
+    try:
+        return _write_shard(job)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        named = (output_error(e, os.path.join(job['out'], name), f'shard {name}', job['out'])
+                 if isinstance(e, OSError) else None)
+        if named is not None and named is not e:
+            raise named from e
+        raise
+
+
+def _write_shard(job: dict) -> dict[str, Any]:
     source = _source_for(job)
     split, start, refs = job['split'], job['start'], job['refs']
     name = shard_name(split, job['index'])
@@ -300,7 +313,10 @@ def convert(cfg: ConvertConfig) -> dict[str, dict]:
     """Convert (this task's part of) every requested split. Returns {split: summary}."""
     if not os.path.exists(cfg.src):
         raise ConvertError(f'{cfg.src}: source directory not found (pass --src)')
-    os.makedirs(os.path.join(cfg.out, WORK_DIR), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(cfg.out, WORK_DIR), exist_ok=True)
+    except OSError as e:
+        raise output_error(e, cfg.out, 'the output directory') or e
     source = open_source(cfg.dataset, cfg.src, **cfg.source_kwargs)
     splits = cfg.splits or source.splits()
     unknown = [s for s in splits if s not in source.splits()]
