@@ -377,7 +377,7 @@ def test_local_paths_open_directly_and_the_pieces_pickle(tmp_path):
 def test_converted_shards_stream_through_faults_with_their_manifest(tmp_path):
     """The converter's own shards and manifest entries (NMR test vectors), served with faults."""
     from pipeline.convert import ConvertConfig, convert
-    from pipeline.reader import decode_scene, read_manifest
+    from pipeline.reader import Scene, read_manifest
     from tests.conftest import TESTVECTORS
     out = tmp_path / 'shards'
     convert(ConvertConfig(dataset='nmr', src=str(TESTVECTORS / 'sources' / 'nmr'), out=str(out),
@@ -393,5 +393,5 @@ def test_converted_shards_stream_through_faults_with_their_manifest(tmp_path):
             assert got == list(tario.iter_members_bytes(files[e['name']]))
             sample = {'__key__': tario.split_key(got[0][0])[0], '__url__': srv.url(e['name'])}
             sample.update((tario.split_key(n)[1], d) for n, d in got)
-            assert decode_scene(sample, views=[0]).images.shape == (1, 64, 64, 3)
+            assert Scene(sample).images([0]).shape == (1, 64, 64, 3)
         assert f.counters.get('retries') == 3 and f.counters.get('cache_misses') == 2
