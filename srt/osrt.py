@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from srt.decoder import RayPredictor
 from srt.encoder import ImprovedSRTEncoder
-from srt.layers import AttentionImpl, RayEncoder
+from srt.layers import Attention, AttentionImpl, FeedForward, RayEncoder
 from srt.osrt_slots import SlotAttention
 
 SET_LATENT_DIM = 768  # the improved SRT encoder's token width
@@ -169,3 +171,41 @@ class SpatialBroadcastDecoder(nn.Module):
 
 
 SLOT_DECODERS = ('slot_mixer', 'spatial_broadcast')
+
+
+@torch.no_grad()
+def reference_init_(model: nn.Module) -> nn.Module:
+    """Initialise the linear layers of an OSRT model as the reference does by default
+    (``use_default_init: False``; stelzner/osrt ``osrt/layers.py`` JaxLinear / ViTLinear / SRTLinear).
+
+    - attention projections and Slot Attention's linears ("JaxLinear"): weights from a normal with
+      std sqrt(1 / fan_in) truncated at 2 std, zero biases;
+    - transformer feed-forward layers ("ViTLinear"): Xavier-uniform weights, biases N(0, 1e-6^2);
+    - every other linear layer, the decoders' MLPs ("SRTLinear"): Xavier-uniform weights, zero biases.
+
+    Convolutions, LayerNorms, the GRU cell and ``initial_slots`` (standard normal) keep PyTorch's
+    defaults, as there. Returns ``model``.
+    """
+    kinds = {}
+    for module in model.modules():
+        kind = ('jax' if isinstance(module, (Attention, SlotAttention)) else
+                'vit' if isinstance(module, FeedForward) else None)
+        if kind is not None:
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    kinds.setdefault(sub, kind)
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        kind = kinds.get(module, 'srt')
+        if kind == 'jax':
+            std = math.sqrt(1 / module.weight.shape[1])
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            if kind == 'vit':
+                nn.init.normal_(module.bias, std=1e-6)
+            else:
+                nn.init.zeros_(module.bias)
+    return model

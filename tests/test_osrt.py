@@ -10,7 +10,9 @@ import yaml
 
 from srt import checkpoint as ckpt_lib
 from srt import config as run_config
+from srt.layers import Transformer
 from srt.model import ModelConfig, build_model, count_parameters
+from srt.osrt import MixingBlock, reference_init_
 from srt.osrt_slots import SlotAttention
 from srt.renderer import render_image
 from tests.conftest import ROOT, TESTVECTORS
@@ -212,6 +214,29 @@ def test_rendered_images_carry_per_pixel_slot_weights():
         slots = model.encoder(images, positions, rays)
         image, extras = render_image(model, slots, positions[:, 0], rays[:, 0, :6, :5], chunk=7)
     assert image.shape == (1, 6, 5, 3) and extras['segmentation'].shape == (1, 6, 5, 4)
+
+
+def test_reference_init_follows_the_layer_kinds():
+    torch.manual_seed(0)
+    parts = torch.nn.ModuleDict({
+        'slots': SlotAttention(num_slots=3, input_dim=96, slot_dim=128, hidden_dim=160),
+        'transformer': Transformer(64, depth=1, heads=2, dim_head=32, mlp_dim=192, selfatt=False, kv_dim=128),
+        'mixing': MixingBlock(input_dim=64, slot_dim=128, att_dim=128)})
+    for p in parts.parameters():
+        torch.nn.init.constant_(p, 7.0)
+    reference_init_(parts)
+    attn, ff = parts['transformer'].layers[0][0].fn, parts['transformer'].layers[0][1].fn
+    for jax in (parts['slots'].to_k, parts['slots'].mlp[0], attn.to_q, attn.to_kv, attn.to_out[0]):
+        std = (1 / jax.weight.shape[1]) ** 0.5  # normal truncated at 2 std: std * 0.88 after truncation
+        assert jax.weight.abs().max() <= 2 * std and 0.8 * std < jax.weight.std() < 0.95 * std
+    assert (attn.to_out[0].bias == 0).all() and (parts['slots'].mlp[0].bias == 0).all()
+    for xavier in (ff.net[0], ff.net[3], parts['mixing'].to_q, parts['mixing'].to_k):
+        bound = (6 / sum(xavier.weight.shape)) ** 0.5
+        assert xavier.weight.abs().max() <= bound and xavier.weight.abs().max() > 0.9 * bound
+    assert 0 < ff.net[0].bias.abs().max() < 1e-5  # ViT biases: N(0, 1e-6^2)
+    # LayerNorms, the GRU and the initial slots are not linear layers: left as they were.
+    assert (parts['slots'].gru.weight_ih == 7).all() and (parts['slots'].norm_input.weight == 7).all()
+    assert (parts['slots'].initial_slots == 7).all()
 
 
 @pytest.mark.parametrize('config', sorted(RUNS))
