@@ -63,7 +63,7 @@ class DataConfig:
             raise ValueError(f'data.dataset {self.dataset!r} is not one of {", ".join(DATASETS)} '
                              f'(or an alias: {DATASET_ALIASES})')
         if self.num_input_views != 5 and self.dataset not in MSN_LIKE:
-            raise ValueError('data.kwargs.num_input_views applies to msn and msn_hard only (the others '
+            raise ValueError('data.kwargs.num_input_views applies to msn_hard and msn only (the others '
                              'have one input view)')
 
     @classmethod
