@@ -34,12 +34,18 @@ from pipeline import cameras
 from pipeline.reader import Scene
 
 NUM_MSN_INPUT_VIEWS = 5
+DATASETS = ('nmr', 'clevr3d', 'obsurf_msn', 'msn', 'msn_hard')
+# Names the reference configs use for our datasets: OSRT's runs/msn/osrt says ``dataset: osrt`` for
+# MSN-Hard (its loader: MultishapenetDataset(osrt=True), i.e. multi_shapenet_conditional with
+# instance images), which we call msn_hard.
+DATASET_ALIASES = {'osrt': 'msn_hard'}
+MSN_LIKE = ('msn', 'msn_hard')  # 10 views per scene, k random input views, the others targets
 
 
 @dataclasses.dataclass
 class DataConfig:
     """The reference YAML's ``data`` section."""
-    dataset: str  # nmr | clevr3d | obsurf_msn | msn
+    dataset: str  # nmr | clevr3d | obsurf_msn | msn | msn_hard (YAML alias: osrt)
     num_points: int = 2048  # target rays per item (the reference's default)
     canonical_view: bool = True  # express everything in the first input view's canonical frame
     downsample: int | None = None  # keep every 2^d-th input pixel (clevr3d/srt uses 1; the
@@ -51,12 +57,13 @@ class DataConfig:
     # evaluation always scores the other views)
 
     def __post_init__(self):
-        if self.dataset not in ('nmr', 'clevr3d', 'obsurf_msn', 'msn'):
-            raise ValueError(f'data.dataset {self.dataset!r} is not one of nmr, clevr3d, '
-                             'obsurf_msn, msn')
-        if self.num_input_views != 5 and self.dataset != 'msn':
-            raise ValueError('data.kwargs.num_input_views applies to msn only (the others have '
-                             'one input view)')
+        self.dataset = DATASET_ALIASES.get(self.dataset, self.dataset)
+        if self.dataset not in DATASETS:
+            raise ValueError(f'data.dataset {self.dataset!r} is not one of {", ".join(DATASETS)} '
+                             f'(or an alias: {DATASET_ALIASES})')
+        if self.num_input_views != 5 and self.dataset not in MSN_LIKE:
+            raise ValueError('data.kwargs.num_input_views applies to msn_hard and msn only (the others '
+                             'have one input view)')
 
     @classmethod
     def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
@@ -82,13 +89,13 @@ def key_seed(key: str, seed: int = 0) -> list[int]:
 # ----------------------------------------------------------------------------- per scene
 
 def items_per_scene(cfg: DataConfig, num_views: int) -> int:
-    return 1 if cfg.dataset == 'msn' else num_views
+    return 1 if cfg.dataset in MSN_LIKE else num_views
 
 
 def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Generator
                  ) -> tuple[list[int], list[int]]:
     """(input views, target views) of a scene's ``item``-th item, as the reference chooses them."""
-    if cfg.dataset == 'msn':
+    if cfg.dataset in MSN_LIKE:
         inputs = [int(v) for v in rng.choice(num_views, cfg.num_input_views, replace=False)]
         if cfg.train_on_inputs:
             return inputs, list(range(num_views))

@@ -19,6 +19,62 @@ def mse2psnr(mse: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse)
 
 
+def adjusted_rand_index(true_masks: torch.Tensor, pred_weights: torch.Tensor) -> torch.Tensor:
+    """Adjusted Rand index of a predicted segmentation, per scene, as OSRT's reference computes it.
+
+    (stelzner/osrt ``compute_adjusted_rand_index``, after DeepMind's multi_object_datasets.)
+    Points whose true mask is all zeros are ignored; the prediction of each point is its argmax slot
+    (first on ties). Where the kept points form one true segment and one predicted segment the score
+    is 1 (the formula would divide 0 by 0).
+
+    Args:
+        true_masks: [b, p, k] one-hot true segment of each point (rows of zeros: ignored points).
+        pred_weights: [b, p, s] predicted slot weights (e.g. the decoder's ``segmentation``).
+    Returns:
+        [b] float64 in [-1, 1] (1: the same partition up to renaming).
+    """
+    b, p, k = true_masks.shape
+    s = pred_weights.shape[-1]
+    if pred_weights.shape[:2] != (b, p):
+        raise ValueError(f'ARI: masks {tuple(true_masks.shape)} and weights {tuple(pred_weights.shape)} '
+                         'differ in batch or points')
+    if p <= k and p <= s:
+        raise ValueError(f'ARI needs more points ({p}) than segments ({k}) or slots ({s})')
+    true = true_masks.double()
+    pred_ids = pred_weights.argmax(-1)  # [b, p]
+    pred = F.one_hot(pred_ids, s).double()
+    counts = torch.einsum('bpk,bps->bks', true, pred)  # contingency table [b, k, s] over kept points
+    n = true.sum((1, 2))
+    true_pairs = (counts.sum(2) * (counts.sum(2) - 1)).sum(1)  # ordered pairs within true segments
+    pred_pairs = (counts.sum(1) * (counts.sum(1) - 1)).sum(1)
+    both_pairs = (counts * (counts - 1)).sum((1, 2))
+    expected = true_pairs * pred_pairs / (n * (n - 1))
+    maximum = (true_pairs + pred_pairs) / 2
+    ari = (both_pairs - expected) / (maximum - expected)
+
+    kept = true.sum(-1) > 0  # [b, p]
+    single = _one_segment(true.argmax(-1), kept) & _one_segment(pred_ids, kept)
+    return torch.where(single, torch.ones_like(ari), ari)
+
+
+def _one_segment(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[b] whether all kept points of each scene share one id (ids, kept: [b, p])."""
+    big = torch.iinfo(ids.dtype).max
+    lo = torch.where(kept, ids, big).amin(-1)
+    hi = torch.where(kept, ids, -1).amax(-1)
+    return (lo == hi) | ~kept.any(-1)
+
+
+def segmentation_scores(true_masks: torch.Tensor, pred_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``ari`` (all segments, background included) and ``fg_ari`` (background points ignored) [b].
+
+    As OSRT's trainer scores its decoder: the background is segment 0 of ``true_masks`` [b, p, k]
+    (MSN-Hard: instance ids 0 and 1; CLEVR3D: mask id 0), and FG-ARI drops that column.
+    """
+    return {'ari': adjusted_rand_index(true_masks, pred_weights),
+            'fg_ari': adjusted_rand_index(true_masks[..., 1:], pred_weights)}
+
+
 def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))

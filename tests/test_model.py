@@ -159,13 +159,14 @@ def test_checkpoint_mismatch_is_reported_clearly():
 def test_config_from_yaml_and_rejects_unknown_names():
     for path in sorted(ROOT.glob('runs/*/*/config.yaml')):
         config = ModelConfig.from_dict(yaml.safe_load(path.read_text())['model'])
-        assert config.encoder in ('srt', 'isrt') and config.decoder in ('lightfield', 'isrt', 'nerf')
+        assert config.encoder in ('srt', 'isrt', 'osrt')  # osrt: tests/test_osrt.py
+        assert config.decoder in ('lightfield', 'isrt', 'nerf', 'slot_mixer')
         assert config.encoder_kwargs['pos_start_octave'] == -5
     assert ModelConfig.from_dict({'decoder': 'nerf'}).encoder == 'srt'
     with pytest.raises(ValueError, match='unknown decoder'):
         ModelConfig(decoder='volumetric')
     with pytest.raises(ValueError, match='unknown encoder'):
-        ModelConfig(encoder='osrt')
+        ModelConfig(encoder='slots')
     with pytest.raises(ValueError, match=r"model.encoder_kwargs: unknown option\(s\) \['num_heads'\]"):
         ModelConfig(encoder_kwargs={'num_heads': 4})
     with pytest.raises(ValueError, match='unknown key'):

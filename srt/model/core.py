@@ -22,9 +22,12 @@ from torch import Tensor, nn
 from srt.model.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
 from srt.model.encoder import ImprovedSRTEncoder, SRTEncoder
 from srt.model.layers import ATTENTION_IMPLS, set_attention_impl, set_checkpointing
+from srt.model.osrt import (SLOT_DECODERS, SLOT_DIM, OSRTEncoder, SlotMixerDecoder,
+                            SpatialBroadcastDecoder)
 
-ENCODERS = {'srt': SRTEncoder, 'isrt': ImprovedSRTEncoder}
-DECODERS = {'lightfield': SRTDecoder, 'isrt': ImprovedSRTDecoder, 'nerf': NerfDecoder}
+ENCODERS = {'srt': SRTEncoder, 'isrt': ImprovedSRTEncoder, 'osrt': OSRTEncoder}
+DECODERS = {'lightfield': SRTDecoder, 'isrt': ImprovedSRTDecoder, 'nerf': NerfDecoder,
+            'slot_mixer': SlotMixerDecoder, 'spatial_broadcast': SpatialBroadcastDecoder}
 # Constructor arguments that are run-time options of ours, not architecture kwargs of the YAML.
 _RUNTIME_ARGS = ('attention', 'checkpointing', 'fold_camera_code')
 
@@ -38,11 +41,14 @@ def _architecture_kwargs(cls: type) -> Tuple[str, ...]:
 class ModelConfig:
     """Which encoder/decoder to build and with which options (the YAML ``model`` section + ours)."""
 
-    encoder: str = 'srt'  # 'srt' (SRT, CVPR 2022) or 'isrt' (improved SRT, OSRT appendix)
-    # Encoder options: pos_start_octave, num_conv_blocks, num_att_blocks (srt also scale_embeddings).
+    # 'srt' (SRT, CVPR 2022), 'isrt' (improved SRT, OSRT appendix) or 'osrt' (isrt + Slot Attention)
+    encoder: str = 'srt'
+    # Encoder options: pos_start_octave, num_conv_blocks, num_att_blocks (srt also scale_embeddings;
+    # osrt: pos_start_octave, num_slots, slot_dim, slot_iters).
     encoder_kwargs: Dict[str, Any] = field(default_factory=dict)
-    decoder: str = 'lightfield'  # 'lightfield', 'isrt' or 'nerf' (volumetric)
-    # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net).
+    # 'lightfield', 'isrt', 'nerf' (volumetric); for osrt 'slot_mixer' or 'spatial_broadcast'
+    decoder: str = 'lightfield'
+    # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net, slot_mixer layer_norm).
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     # 'sdpa' (fused kernel), 'explicit' (softmax(QK^T / sqrt(d)) V, the reference's) or 'auto' (sdpa;
     # explicit for short attention on the CPU, where it is faster). Same function, same weights.
@@ -68,6 +74,13 @@ class ModelConfig:
             if unknown:
                 raise ValueError(f'model.{section}: unknown option(s) {unknown} for {cls.__name__}; '
                                  f'allowed: {list(allowed)}')
+        # Slot latents [b, s, 1536] fit the slot decoders only, and those fit nothing else.
+        if (self.encoder == 'osrt') != (self.decoder in SLOT_DECODERS):
+            raise ValueError(f'model.decoder: {self.decoder!r} does not fit encoder {self.encoder!r}; the osrt '
+                             f'encoder pairs with {list(SLOT_DECODERS)} and only with them')
+        if self.encoder == 'osrt' and self.encoder_kwargs.get('slot_dim', SLOT_DIM) != SLOT_DIM:
+            raise ValueError(f'model.encoder_kwargs.slot_dim: the slot decoders take {SLOT_DIM}-d slots '
+                             f'(the reference builds them for that width only)')
 
     @classmethod
     def from_dict(cls, model_section: Mapping[str, Any], **overrides: Any) -> 'ModelConfig':
