@@ -10,7 +10,7 @@ readers open them unchanged. Nothing on the data path imports this package. Modu
 - ``rigs``: the datasets' camera rigs
 - ``raycast``: intersection, shading and rendering of views
 - ``common``: the per-format table, the renders of a format's scene, the worker pool, split sizes
-- ``nmr``, ``obsurf``, ``msn``: one writer per format; ``write_synthetic`` dispatches to them
+- ``nmr``, ``obsurf``, ``msn``, ``dl3dv``, ``co3d``: one writer per format; ``write_synthetic`` dispatches to them
 
 Each writer drops ``SYNTHETIC_MARKER`` (a JSON summary) into its output directory; the converter's
 dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
@@ -29,6 +29,8 @@ from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_VIEWS, NMR_CLASSES
                                        OBSURF_WIDTH, WriteResult, check_format,
                                        default_split_sizes, png_bytes, render_scene, save_npz,
                                        scene_cameras)
+from pipeline.synthetic.co3d import co3d_sequence, write_co3d
+from pipeline.synthetic.dl3dv import dl3dv_capture, write_dl3dv
 from pipeline.synthetic.msn import msn_features, write_msn
 from pipeline.synthetic.nmr import write_nmr
 from pipeline.synthetic.obsurf import write_obsurf
@@ -43,19 +45,24 @@ __all__ = [
     'CATEGORY_NAMES', 'FORMATS', 'KINDS', 'MSN_SIZE', 'MSN_VIEWS', 'NMR_CLASSES', 'NMR_FOCAL',
     'NMR_SIZE', 'NMR_VIEWS', 'OBSURF', 'OBSURF_HEIGHT', 'OBSURF_VIEWS', 'OBSURF_WIDTH', 'SPLITS',
     'STREAM_CAMERAS', 'STREAM_NOISE', 'STREAM_SCENE', 'STYLES', 'SYNTHETIC_MARKER', 'Scene',
-    'SceneStyle', 'WriteResult', 'default_split_sizes', 'msn_cameras', 'msn_features',
-    'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
+    'SceneStyle', 'WriteResult', 'co3d_sequence', 'default_split_sizes', 'dl3dv_capture',
+    'msn_cameras', 'msn_features', 'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
     'render', 'render_rays', 'render_scene', 'render_views', 'sample_scene', 'save_npz',
-    'scene_cameras', 'scene_rng', 'trace', 'write_msn', 'write_nmr', 'write_obsurf',
-    'write_synthetic',
+    'scene_cameras', 'scene_rng', 'trace', 'write_co3d', 'write_dl3dv', 'write_msn', 'write_nmr',
+    'write_obsurf', 'write_synthetic',
 ]
 
 
 def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs) -> WriteResult:
     """Write ``num_scenes`` scenes in format ``fmt`` (one of FORMATS: 'msn', 'nmr', 'obsurf' =
-    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo'); kwargs go to the writer (split_sizes,
-    workers, progress, scenes_per_file for MSN)."""
+    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo', 'dl3dv' = DL3DV-like nerfstudio captures,
+    'co3d' = CO3D v2-like sequences); kwargs go to the writer (split_sizes, workers, progress,
+    scenes_per_file for MSN, downscale and image_format for dl3dv)."""
     check_format(fmt)
+    if fmt == 'dl3dv':
+        return write_dl3dv(out_dir, num_scenes, seed, **kwargs)
+    if fmt == 'co3d':
+        return write_co3d(out_dir, num_scenes, seed, **kwargs)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
     if fmt in ('msn', 'msn-demo'):

@@ -30,7 +30,7 @@ from pipeline.synthetic.raycast import render_views
 from pipeline.synthetic.rigs import msn_cameras, nmr_cameras, obsurf_camera_positions
 from pipeline.synthetic.scene import SPLITS, STREAM_CAMERAS, sample_scene, scene_rng
 
-FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo')
+FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 'dl3dv', 'co3d')
 
 NMR_VIEWS, NMR_SIZE = 24, 64
 # NMR class of a scene: the kind of its main object. Ids keep DVR's 8-digit style and stay strings
@@ -79,10 +79,12 @@ class WriteResult:
 
 def default_split_sizes(fmt: str, num_scenes: int) -> dict[str, int]:
     """80/10/10 train/val/test (val and test get ceil(N / 10) each once N >= 3); MSN: train/test
-    90/10 (test gets ceil(N / 10) once N >= 2)."""
+    90/10 (test gets ceil(N / 10) once N >= 2); DL3DV-like captures: all in one split, train."""
     check_format(fmt)
     if num_scenes < 0:
         raise ValueError(f'num_scenes must be >= 0, got {num_scenes}')
+    if fmt == 'dl3dv':
+        return {'train': num_scenes}
     if fmt in ('msn', 'msn-demo'):
         m = math.ceil(num_scenes / 10) if num_scenes >= 2 else 0
         return {'train': num_scenes - m, 'test': m}
