@@ -16,7 +16,11 @@ from typing import Sequence
 # Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
 
 # `convert <format>`: the converter command lines and the datasets each converts.
-CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
+              'nerfstudio': ('nerfstudio',), 'co3d': ('co3d',)}
+# Importers of other projects' formats (pipeline.sources.SOURCE_FORMATS): --dataset is free text,
+# the name in sample keys (e.g. dl3dv); their default names.
+IMPORTER_DATASETS = {'nerfstudio': 'nerfstudio', 'co3d': 'co3d'}
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
                    'msn': 'data/msn'}
@@ -34,7 +38,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards conv
     p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
                                 'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
     p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
-                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)')
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra); '
+                   'nerfstudio: transforms.json captures (DL3DV-10K); co3d: CO3D v2')
     p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
     args = p.parse_args(argv)
     return convert_format_main(args.format, args.options, prog=f'{prog} {args.format}')
@@ -52,7 +57,12 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     p = argparse.ArgumentParser(
         prog=prog, description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards '
                                f'schema v{SCHEMA_VERSION}, see docs/SHARDS.md).')
-    if len(datasets) > 1:
+    if fmt in IMPORTER_DATASETS:
+        p.add_argument('--dataset', default=IMPORTER_DATASETS[fmt],
+                       help=f'dataset name in sample keys and manifests (default {datasets[0]}; '
+                            'e.g. dl3dv)')
+        _importer_options(p, fmt)
+    elif len(datasets) > 1:
         p.add_argument('--dataset', choices=datasets, default=datasets[0],
                        help=f'which dataset (default {datasets[0]})')
     p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
@@ -84,17 +94,20 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     kwargs = {}
     if dataset in ('clevr3d', 'obsurf_msn'):
         kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
+    if fmt in IMPORTER_DATASETS:
+        kwargs = _importer_kwargs(p, args, fmt)
     try:
         env_tasks, env_index = task_from_environment()
         cfg = ConvertConfig(
-            dataset=dataset, src=args.src or DEFAULT_SOURCES[dataset],
+            dataset=dataset, src=args.src or DEFAULT_SOURCES.get(dataset, f'data/{dataset}'),
             out=args.out or os.path.join('shards', dataset), splits=args.splits,
             scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
             workers=args.workers,
             num_tasks=args.num_tasks if args.num_tasks is not None else env_tasks,
             task_index=args.task_index if args.task_index is not None else env_index,
             bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
-            source_kwargs=kwargs, progress=not args.no_progress)
+            source_kwargs=kwargs, progress=not args.no_progress,
+            source_format=fmt if fmt in IMPORTER_DATASETS else None)
     except ValueError as e:  # settings: name the flag, as argparse does
         p.error(str(e))
     try:
@@ -116,6 +129,34 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
             print(f'{split}: task {cfg.task_index}/{cfg.num_tasks} wrote {s["shards_written"]} '
                   f'shards; the split is finalized when every task has finished')
     return 0
+
+
+def _importer_options(p: argparse.ArgumentParser, fmt: str) -> None:
+    if fmt == 'nerfstudio':
+        p.add_argument('--downscale', type=int, metavar='N',
+                       help="read images_N/ and scale the intrinsics by 1/N as nerfstudio does "
+                            "(default: nerfstudio's automatic choice; with only one images_N/ "
+                            "folder and no full-resolution images, that folder)")
+        p.add_argument('--split-name', metavar='NAME',
+                       help="the split every capture goes to (default: the one --splits names, "
+                            "else 'train')")
+    if fmt == 'co3d':
+        p.add_argument('--subset', metavar='NAME',
+                       help='the set lists giving the splits (set_lists_<NAME>.json, e.g. '
+                            'fewview_dev, manyview_dev_0; default: the only one, else fewview_dev)')
+
+
+def _importer_kwargs(p: argparse.ArgumentParser, args, fmt: str) -> dict:
+    if fmt == 'nerfstudio':
+        if args.downscale is not None and args.downscale < 1:
+            p.error(f'--downscale must be >= 1, got {args.downscale}')
+        split = args.split_name
+        if split is None and args.splits:
+            if len(args.splits) > 1:
+                p.error('a nerfstudio source is one split: give one --splits name (or --split-name)')
+            split = args.splits[0]
+        return {'downscale': args.downscale, 'split': split or 'train'}
+    return {'subset': args.subset}
 
 
 def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards inspect') -> int:
@@ -172,7 +213,8 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo)')
+                        '64x64 with plain scenes (the CPU demo); dl3dv: DL3DV-like nerfstudio '
+                        'captures; co3d: CO3D v2-like categories')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
                    help='number of scenes over all splits (80/10/10 train/val/test; MSN: '

@@ -1,6 +1,6 @@
 """The ``srt-shards`` console script: one command with a subcommand per tool.
 
-    srt-shards convert nmr|obsurf|msn [options]   a source dataset -> shards
+    srt-shards convert nmr|obsurf|msn|nerfstudio|co3d ...   a source dataset -> shards
     srt-shards inspect DIR [--verify] [--contact-sheet OUT.png]
     srt-shards make-synthetic --format F --out DIR --scenes N
     srt-shards demo                                the end-to-end CPU demo
@@ -22,7 +22,8 @@ PROG = 'srt-shards'
 # subcommand -> (module, function, summary). Each function is main(argv) -> int.
 COMMANDS = {
     'convert': ('pipeline.cli', 'convert_main',
-                'convert a source dataset into WebDataset shards (convert nmr|obsurf|msn ...)'),
+                'convert a source dataset into WebDataset shards '
+                '(convert nmr|obsurf|msn|nerfstudio|co3d ...)'),
     'inspect': ('pipeline.cli', 'inspect_main', 'summarise, verify or preview a shard directory'),
     'make-synthetic': ('pipeline.cli', 'make_synthetic_main',
                        "render CLEVR-like scenes in a real dataset's on-disk format"),

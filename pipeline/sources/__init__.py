@@ -51,6 +51,18 @@ def read_view_png(path: str, view: int, scene) -> tuple[bytes, int, int]:
     return data, width, height
 
 
+def read_view_image(path: str, view, scene) -> tuple[bytes, tuple[int, int, str, str]]:
+    """(bytes, (width, height, mode, 'png'|'jpeg')) of a view's PNG or JPEG file, its structure
+    checked from the headers (no decode); SourceError naming the file and scene if it is missing
+    or not a whole PNG/JPEG."""
+    from pipeline.schema import image_info
+    if not os.path.isfile(path):
+        raise SourceError(f'{path}: missing view image {view} (scene {scene})', scene, path)
+    with open(path, 'rb') as f:
+        data = f.read()
+    return data, image_info(data, f'{path} (view {view} of scene {scene})')
+
+
 def open_source(dataset: str, root: str, **kwargs) -> Source:
     if dataset == 'nmr':
         from pipeline.sources.nmr import NMRSource
