@@ -135,15 +135,17 @@ def _importer_options(p: argparse.ArgumentParser, fmt: str) -> None:
     if fmt == 'nerfstudio':
         p.add_argument('--downscale', type=int, metavar='N',
                        help="read images_N/ and scale the intrinsics by 1/N as nerfstudio does "
-                            "(default: nerfstudio's automatic choice; with only one images_N/ "
-                            "folder and no full-resolution images, that folder)")
+                            "(default: nerfstudio's automatic choice; without full-resolution "
+                            "images, the smallest N whose images_N/ holds them)")
         p.add_argument('--split-name', metavar='NAME',
                        help="the split every capture goes to (default: the one --splits names, "
                             "else 'train')")
     if fmt == 'co3d':
         p.add_argument('--subset', metavar='NAME',
                        help='the set lists giving the splits (set_lists_<NAME>.json, e.g. '
-                            'fewview_dev, manyview_dev_0; default: the only one, else fewview_dev)')
+                            'fewview_dev, manyview_dev_0; default: the only one, else the first of '
+                            'fewview_dev, fewview_test, manyview_dev_0, manyview_dev_1, '
+                            'manyview_test that every category has)')
 
 
 def _importer_kwargs(p: argparse.ArgumentParser, args, fmt: str) -> dict:

@@ -6,8 +6,9 @@ the annotations is relative to ``<root>``. ``--src`` is the dataset root (all it
 category folder.
 
 Splits come from ONE subset's set lists (``subset``; PyTorch3D has no default: without ``subset``
-the only subset present is used, else ``fewview_dev`` when every category has it, else an error
-listing the choices; with no set lists at all every sequence goes to split 'train' whole). Set lists
+the only subset present is used, else the first of ``DEFAULT_SUBSETS`` (fewview_dev first) that
+every category has, else an error listing the choices; with no set lists at all every sequence goes
+to split 'train' whole). Set lists
 list FRAMES ``[sequence_name, frame_number, image_path]`` per split, matched on (sequence_name,
 frame_number) with the path checked, as PyTorch3D does. One sample per (split, sequence) holding
 exactly the frames the set list puts in that split, as PyTorch3D's dataset of that split holds
@@ -38,7 +39,10 @@ from pipeline.sources import read_each, read_view_image
 
 FRAME_ANNOTATIONS = 'frame_annotations.jgz'
 SEQUENCE_ANNOTATIONS = 'sequence_annotations.jgz'
-DEFAULT_SUBSET = 'fewview_dev'
+# Without --subset (PyTorch3D has no default): the only subset, else the first of these that every
+# category has (co3d README's CO3Dv2 subsets).
+DEFAULT_SUBSETS = ('fewview_dev', 'fewview_test', 'manyview_dev_0', 'manyview_dev_1',
+                   'manyview_test')
 NO_SUBSET_SPLIT = 'train'
 _SPLIT_ORDER = ('train', 'val', 'test')
 # PyTorch3D view axes (x left, y up, z forward) -> OpenCV (x right, y down, z forward)
@@ -97,6 +101,7 @@ def _load_jgz(path: str) -> list:
 
 
 class CO3DSource:
+    fixed_members = False  # sequences differ in frame count
     def __init__(self, root: str, dataset: str = 'co3d', subset: str | None = None):
         self.root, self.dataset = str(root), dataset
         if os.path.isfile(os.path.join(self.root, FRAME_ANNOTATIONS)):  # one category folder
@@ -140,8 +145,9 @@ class CO3DSource:
             return None
         if len(anywhere) == 1 and every:
             return next(iter(every))
-        if DEFAULT_SUBSET in every:
-            return DEFAULT_SUBSET
+        for name in DEFAULT_SUBSETS:
+            if name in every:
+                return name
         raise SourceError(f'{self.root}: several subsets ({sorted(anywhere)}); choose one with '
                           '--subset')
 
@@ -249,6 +255,14 @@ class CO3DSource:
                                         'world of the video: arbitrary orientation, origin and '
                                         'scale), unchanged'},
             extras_info=info, up_axis=None, canonical_frame='input_view_pose')
+
+    def describe(self) -> dict[str, Any]:
+        return {'dataset': self.dataset, 'format': 'CO3D v2 (frame/sequence annotations, set lists)',
+                'path': self.root, 'subset': self.subset, 'categories': self.categories,
+                'title': 'Common Objects in 3D v2 (CO3D v2, Reizenstein et al.)',
+                'url': 'https://github.com/facebookresearch/co3d',
+                'licence': "CO3D's terms (see its repository; the code is CC BY-NC 4.0) apply to "
+                           'these shards.'}
 
     def _listed(self, category: str, seq: str, split: str, by_number: dict, jgz: str
                 ) -> tuple[list[int], dict[str, list[int]]]:

@@ -21,8 +21,8 @@ docs/FORMATS: nerfstudio):
 - downscale N: ``downscale`` if given, else nerfstudio's automatic rule (largest power of two with
   the first frame's full-resolution size / N <= 1600 px whose ``images_N/`` file exists). When the
   full-resolution image is missing (DL3DV's 480P/960P downloads hold only ``images_4/`` or
-  ``images_8/``), nerfstudio fails; we take the one ``images_N/`` folder holding the file and error
-  if there are several. N > 1 opens ``images_N/<file name>`` (any sub-folder of ``file_path``
+  ``images_8/``), nerfstudio fails; we take the smallest N whose ``images_N/`` holds the file (the
+  highest resolution present). N > 1 opens ``images_N/<file name>`` (any sub-folder of ``file_path``
   dropped), scales ``fl_x, fl_y, cx, cy`` by 1/N and expects images of ``floor(h/N) x floor(w/N)``;
 - views sorted as nerfstudio sorts them: by the resolved image path, component by component;
 - ``applied_transform`` and ``applied_scale`` recorded as found (never applied, never assumed: DL3DV's
@@ -109,7 +109,8 @@ def _distortion(d: dict, where: str) -> list[float]:
 
 def auto_downscale(data_dir: str, first_file: str, where: str) -> int:
     """nerfstudio's automatic downscale factor (decided once, from the first frame), or, when
-    the full-resolution file is missing, the one ``images_N`` folder holding its file name."""
+    the full-resolution file is missing, the smallest N whose ``images_N`` folder holds its file
+    name (the highest resolution present)."""
     from pipeline.schema import image_info
     path = os.path.join(data_dir, first_file)
     name = os.path.basename(first_file)
@@ -117,11 +118,10 @@ def auto_downscale(data_dir: str, first_file: str, where: str) -> int:
         found = sorted(int(m.group(1)) for d in os.listdir(data_dir)
                        if (m := re.fullmatch(r'images_(\d+)', d))
                        and os.path.isfile(os.path.join(data_dir, d, name)))
-        if len(found) == 1:
+        if found:
             return found[0]
-        raise SourceError(f'{path}: full-resolution image missing and '
-                          + (f'several images_N folders hold {name} ({found})' if found else
-                             f'no images_N folder holds {name}') + '; pass --downscale N')
+        raise SourceError(f'{path}: full-resolution image missing and no images_N folder holds '
+                          f'{name}; pass --downscale N')
     with open(path, 'rb') as f:
         width, height, _, _ = image_info(f.read(), path)
     df = 0
@@ -144,6 +144,7 @@ def _sort_key(path: str) -> tuple:
 
 
 class NerfstudioSource:
+    fixed_members = False  # captures differ in view count and extras
     def __init__(self, root: str, dataset: str = 'nerfstudio', downscale: int | None = None,
                  split: str = 'train'):
         self.root, self.dataset, self.split = str(root), dataset, split
@@ -214,9 +215,18 @@ class NerfstudioSource:
             extras_info=cap['extras_info'], up_axis=None, canonical_frame='input_view_pose')
 
     def describe(self) -> dict[str, Any]:
-        return {'dataset': self.dataset, 'format': 'nerfstudio transforms.json captures',
-                'path': self.root, 'downscale': self.downscale, 'split': self.split,
-                'num_captures': len(self.captures)}
+        d = {'dataset': self.dataset, 'format': 'nerfstudio transforms.json captures',
+             'path': self.root, 'downscale': self.downscale, 'split': self.split,
+             'num_captures': len(self.captures),
+             'title': f'{self.dataset}: nerfstudio-processed captures (transforms.json)',
+             'url': 'https://docs.nerf.studio/quickstart/data_conventions.html',
+             'licence': "The capture's own terms apply to these shards."}
+        if self.dataset.lower().startswith('dl3dv'):
+            d.update(title='DL3DV-10K (Ling et al.), nerfstudio-processed captures',
+                     url='https://github.com/DL3DV-10K/Dataset',
+                     licence='DL3DV-10K Terms of Use (https://github.com/DL3DV-10K/Dataset, '
+                             'License.md) apply to these shards.')
+        return d
 
 
 def _extra_ext(path: str) -> str:
