@@ -200,11 +200,12 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo)')
+                        '64x64 with plain scenes (the CPU demo); re10k: pixelSplat chunks of '
+                        'RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips (PNG)')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
-                   help='number of scenes over all splits (80/10/10 train/val/test; MSN: '
-                        '90/10 train/test)')
+                   help='number of scenes over all splits (80/10/10 train/val/test; MSN, '
+                        're10k, lvsm: 90/10 train/test)')
     p.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
     p.add_argument('--workers', type=int, default=None,
                    help='rendering processes (default: all cores)')
