@@ -18,8 +18,11 @@ from typing import Sequence
 # `convert <format>`: the converter command lines and the datasets each converts. The importers of
 # other projects' formats (an empty tuple) convert a dataset of any name (--dataset, default: the
 # source directory's name) and need --src.
-CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
-_FORMAT_HELP: dict[str, str] = {}  # importers: format -> one line
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
+              'pixelsplat': ()}
+_FORMAT_HELP = {  # importers: format -> one line
+    'pixelsplat': "pixelSplat chunks (<src>/<split>/NNNNNN.torch: RE10K, ACID, DL3DV chunks)",
+}
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
                    'msn': 'data/msn'}
