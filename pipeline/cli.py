@@ -19,9 +19,10 @@ from typing import Sequence
 # other projects' formats (an empty tuple) convert a dataset of any name (--dataset, default: the
 # source directory's name) and need --src.
 CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
-              'pixelsplat': ()}
+              'pixelsplat': (), 'lvsm': ()}
 _FORMAT_HELP = {  # importers: format -> one line
     'pixelsplat': "pixelSplat chunks (<src>/<split>/NNNNNN.torch: RE10K, ACID, DL3DV chunks)",
+    'lvsm': 'LVSM scenes (<src>/<split>/full_list.txt of scene JSONs)',
 }
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',

@@ -11,7 +11,8 @@ from pipeline.schema import SourceError, SourceScene, png_info
 DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn')
 # Importers of other projects' formats: format -> (module, class). Their dataset name is free text
 # (``--dataset``, e.g. 're10k'); their scenes may differ in view count (``fixed_members = False``).
-SOURCE_FORMATS = {'pixelsplat': ('pipeline.sources.pixelsplat', 'PixelSplatSource')}
+SOURCE_FORMATS = {'pixelsplat': ('pipeline.sources.pixelsplat', 'PixelSplatSource'),
+                  'lvsm': ('pipeline.sources.lvsm', 'LVSMSource')}
 
 
 class Source(Protocol):
