@@ -15,12 +15,17 @@ from typing import Sequence
 
 # Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
 
-# `convert <format>`: the converter command lines and the datasets each converts.
+# `convert <format>`: the converter command lines and the datasets each converts. The importers of
+# other projects' formats (an empty tuple) convert a dataset of any name (--dataset, default: the
+# source directory's name) and need --src.
 CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
-              'nerfstudio': ('nerfstudio',), 'co3d': ('co3d',)}
-# Importers of other projects' formats (pipeline.sources.SOURCE_FORMATS): --dataset is free text,
-# the name in sample keys (e.g. dl3dv); their default names.
-IMPORTER_DATASETS = {'nerfstudio': 'nerfstudio', 'co3d': 'co3d'}
+              'pixelsplat': (), 'lvsm': (), 'nerfstudio': (), 'co3d': ()}
+_FORMAT_HELP = {  # importers: format -> one line
+    'pixelsplat': "pixelSplat chunks (<src>/<split>/NNNNNN.torch: RE10K, ACID, DL3DV chunks)",
+    'lvsm': 'LVSM scenes (<src>/<split>/full_list.txt of scene JSONs)',
+    'nerfstudio': 'nerfstudio transforms.json captures (DL3DV-10K: --dataset dl3dv --downscale 4)',
+    'co3d': 'CO3D v2 (<src>/<category>/frame_annotations.jgz, set lists: --subset)',
+}
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
                    'msn': 'data/msn'}
@@ -38,8 +43,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards conv
     p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
                                 'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
     p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
-                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra); '
-                   'nerfstudio: transforms.json captures (DL3DV-10K); co3d: CO3D v2')
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)'
+                   + ''.join(f'; {k}: {v}' for k, v in _FORMAT_HELP.items()))
     p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
     args = p.parse_args(argv)
     return convert_format_main(args.format, args.options, prog=f'{prog} {args.format}')
@@ -55,18 +60,19 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
 
     datasets = CONVERTERS[fmt]
     p = argparse.ArgumentParser(
-        prog=prog, description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards '
-                               f'schema v{SCHEMA_VERSION}, see docs/SHARDS.md).')
-    if fmt in IMPORTER_DATASETS:
-        p.add_argument('--dataset', default=IMPORTER_DATASETS[fmt],
-                       help=f'dataset name in sample keys and manifests (default {datasets[0]}; '
-                            'e.g. dl3dv)')
-        _importer_options(p, fmt)
-    elif len(datasets) > 1:
+        prog=prog, description=f'Convert {" / ".join(datasets) or _FORMAT_HELP[fmt]} into '
+                               f'WebDataset shards (srt-shards schema v{SCHEMA_VERSION}, see '
+                               'docs/SHARDS.md).')
+    if len(datasets) > 1:
         p.add_argument('--dataset', choices=datasets, default=datasets[0],
                        help=f'which dataset (default {datasets[0]})')
-    p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
-                   'layout)')
+    if not datasets:  # an importer: any dataset name
+        p.add_argument('--dataset', help="the dataset's name in sample keys and meta.json, e.g. "
+                       're10k, acid (default: the --src directory\'s name)')
+        p.add_argument('--src', required=True, help='source directory')
+    else:
+        p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
+                       'layout)')
     p.add_argument('--out', help='output directory (default: shards/<dataset>)')
     p.add_argument('--splits', nargs='+', help='splits to convert (default: all the source has)')
     p.add_argument('--scenes-per-shard', type=int,
@@ -88,14 +94,23 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     if any(d in ('clevr3d', 'obsurf_msn') for d in datasets):
         p.add_argument('--max-objects', default='6', help="drop scenes with more objects, as the "
                        "reference loader does (default 6; 'all' keeps every scene)")
+    _importer_options(p, fmt)
+    if fmt == 'pixelsplat':
+        p.add_argument('--evaluation-index', metavar='FILE', help="pixelSplat's evaluation index "
+                       '(JSON {scene key: {"context": [...], "target": [...]} | null}), carried as '
+                       '<out>/<split>.evaluation_index.json keyed by sample keys (default: '
+                       'evaluation_index_<dataset>.json in --src or --src/assets, if there)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     args = p.parse_args(argv)
-    dataset = getattr(args, 'dataset', datasets[0])
+    dataset = getattr(args, 'dataset', None) or (datasets[0] if datasets else
+                                                 dataset_name_of(args.src))
     kwargs = {}
+    if getattr(args, 'evaluation_index', None):
+        kwargs['evaluation_index'] = args.evaluation_index
     if dataset in ('clevr3d', 'obsurf_msn'):
         kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
-    if fmt in IMPORTER_DATASETS:
-        kwargs = _importer_kwargs(p, args, fmt)
+    if fmt in ('nerfstudio', 'co3d'):
+        kwargs.update(_importer_kwargs(p, args, fmt))
     try:
         env_tasks, env_index = task_from_environment()
         cfg = ConvertConfig(
@@ -107,7 +122,7 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
             task_index=args.task_index if args.task_index is not None else env_index,
             bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
             source_kwargs=kwargs, progress=not args.no_progress,
-            source_format=fmt if fmt in IMPORTER_DATASETS else None)
+            source_format=None if datasets else fmt)
     except ValueError as e:  # settings: name the flag, as argparse does
         p.error(str(e))
     try:
@@ -132,6 +147,7 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
 
 
 def _importer_options(p: argparse.ArgumentParser, fmt: str) -> None:
+    """The nerfstudio and CO3D importers' own options."""
     if fmt == 'nerfstudio':
         p.add_argument('--downscale', type=int, metavar='N',
                        help="read images_N/ and scale the intrinsics by 1/N as nerfstudio does "
@@ -149,6 +165,8 @@ def _importer_options(p: argparse.ArgumentParser, fmt: str) -> None:
 
 
 def _importer_kwargs(p: argparse.ArgumentParser, args, fmt: str) -> dict:
+    """Their source kwargs (a nerfstudio source is one split: --split-name, else the one --splits
+    name, else 'train')."""
     if fmt == 'nerfstudio':
         if args.downscale is not None and args.downscale < 1:
             p.error(f'--downscale must be >= 1, got {args.downscale}')
@@ -159,6 +177,13 @@ def _importer_kwargs(p: argparse.ArgumentParser, args, fmt: str) -> dict:
             split = args.splits[0]
         return {'downscale': args.downscale, 'split': split or 'train'}
     return {'subset': args.subset}
+
+
+def dataset_name_of(src: str) -> str:
+    """An importer's default dataset name: the source directory's name ('.../re10k/' -> 're10k')."""
+    from pipeline.schema import scene_key
+    name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+    return scene_key(name, '', '')[:-2].lower() or 'dataset'
 
 
 def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards inspect') -> int:
@@ -184,7 +209,9 @@ def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards insp
     for r in rows:
         print(f'{r["split"]:<8}{r["scenes"]:>10}{r["views_per_scene"]:>7}{r["shards"]:>8}'
               f'{r["bytes"] / 2**20:>10.1f}{r["skipped"]:>9}')
-    print('members per scene:', ' '.join(rows[0]['members']))
+    members = rows[0]['members']
+    print('members per scene:', ' '.join(members) if members is not None else
+          f'differ between scenes (view counts differ; images {rows[0]["image_format"]})')
     status = 0
     if args.verify:
         problems = verify.verify(args.dir)
@@ -215,12 +242,13 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo); dl3dv: DL3DV-like nerfstudio '
-                        'captures; co3d: CO3D v2-like categories')
+                        '64x64 with plain scenes (the CPU demo); re10k: pixelSplat chunks of '
+                        'RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips (PNG); '
+                        'dl3dv: DL3DV-like nerfstudio captures; co3d: CO3D v2-like categories')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
-                   help='number of scenes over all splits (80/10/10 train/val/test; MSN: '
-                        '90/10 train/test)')
+                   help='number of scenes over all splits (80/10/10 train/val/test; MSN, '
+                        're10k, lvsm: 90/10 train/test; dl3dv: all train)')
     p.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
     p.add_argument('--workers', type=int, default=None,
                    help='rendering processes (default: all cores)')
@@ -243,6 +271,6 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     seconds = time.perf_counter() - start
     splits = ', '.join(f'{s} {len(v)}' for s, v in result.scenes.items())
     print(f'{args.format}: {args.scenes} scenes ({splits}) in {result.root} in {seconds:.1f} s '
-          f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour PNGs, mean '
+          f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour images, mean '
           f'{result.mean_png_bytes / 1024:.1f} KiB')
     return 0

@@ -199,3 +199,16 @@ def test_annotation_size_must_match_the_image(co3d, tmp_path):
     _break(src, 'synth_b', wrong)
     with pytest.raises(SourceError, match=r'image is \d+x\d+, the annotation says image.size'):
         convert_co3d(src, tmp_path / 'out')
+
+
+def test_command_line(co3d, tmp_path, capsys):
+    from pipeline.cli import convert_main
+    src, _ = co3d
+    assert convert_main(['co3d', '--src', str(src / 'synth_b'), '--out', str(tmp_path / 'out'),
+                         '--subset', 'manyview_dev_0', '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert 'train: 1 scenes' in out and 'test: 1 scenes' in out
+    assert scenes_of(tmp_path / 'out', 'test')[0].key.startswith('co3d_test_synth_b-')
+    assert convert_main(['co3d', '--src', str(src), '--out', str(tmp_path / 'out2'),
+                         '--subset', 'nosuch', '--no-progress']) == 1
+    assert 'set_lists_nosuch.json' in capsys.readouterr().err

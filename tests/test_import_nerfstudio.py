@@ -274,3 +274,19 @@ def test_wrong_downscale_names_the_expected_size(tmp_path):
         tmp_path / 'src' / SUBSET / capture_name(2, 0) / 'images_8')
     with pytest.raises(SourceError, match=r'image is 96x54 .* floor\(w/N\) x floor\(h/N\) = 48x27'):
         convert_ns(tmp_path / 'src', tmp_path / 'out', downscale=8)
+
+
+def test_command_line(tmp_path, capsys):
+    from pipeline.cli import convert_main
+    write_dl3dv(tmp_path / 'src', 1, seed=6, workers=1)
+    assert convert_main(['nerfstudio', '--src', str(tmp_path / 'src'), '--out',
+                         str(tmp_path / 'out'), '--dataset', 'dl3dv', '--downscale', '4',
+                         '--splits', 'test', '--no-progress']) == 0
+    assert 'test: 1 scenes in 1 shards' in capsys.readouterr().out
+    scene = scenes_of(tmp_path / 'out', 'test')[0]
+    assert scene.key == f'dl3dv_test_{SUBSET}-{capture_name(6, 0)}'
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert 'rgb_VVV.png' in card and 'dl3dv' in card
+    assert convert_main(['nerfstudio', '--src', str(tmp_path / 'src'), '--out',
+                         str(tmp_path / 'out2'), '--downscale', '8', '--no-progress']) == 1
+    assert 'wrong --downscale?' in capsys.readouterr().err
