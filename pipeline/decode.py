@@ -79,6 +79,8 @@ def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
     mode = png_mode(data)
     if mode in ('P', 'LA', '?'):
         arr = _pillow(data, ('RGBA' if mode == 'LA' else 'RGB') if mode != '?' else None)
+    elif mode == 'L' and data[24] < 8:  # 1/2/4-bit grey (CO3D's depth masks): kornia-rs refuses
+        arr = _pillow(data, 'L')  # 0..255 (a 1-bit PNG's 1 is 255)
     elif _KImage is not None:
         arr = np.asarray(_KImage.decode(data, mode))
         if arr.ndim == 2:
