@@ -205,7 +205,7 @@ def test_command_line(co3d, tmp_path, capsys):
     from pipeline.cli import convert_main
     src, _ = co3d
     assert convert_main(['co3d', '--src', str(src / 'synth_b'), '--out', str(tmp_path / 'out'),
-                         '--subset', 'manyview_dev_0', '--no-progress']) == 0
+                         '--subset', 'manyview_dev_0', '--dataset', 'co3d', '--no-progress']) == 0
     out = capsys.readouterr().out
     assert 'train: 1 scenes' in out and 'test: 1 scenes' in out
     assert scenes_of(tmp_path / 'out', 'test')[0].key.startswith('co3d_test_synth_b-')

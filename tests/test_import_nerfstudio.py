@@ -289,4 +289,4 @@ def test_command_line(tmp_path, capsys):
     assert 'rgb_VVV.png' in card and 'dl3dv' in card
     assert convert_main(['nerfstudio', '--src', str(tmp_path / 'src'), '--out',
                          str(tmp_path / 'out2'), '--downscale', '8', '--no-progress']) == 1
-    assert 'wrong --downscale?' in capsys.readouterr().err
+    assert 'images_8/frame_00001.png: missing view image' in capsys.readouterr().err
