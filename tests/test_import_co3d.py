@@ -178,6 +178,7 @@ def test_missing_image_duplicate_frame_and_wrong_size(co3d, tmp_path):
     convert_co3d(src, tmp_path / 'out2', splits=['train'], skip_bad=True)
     skipped = [json.loads(x) for x in (tmp_path / 'out2' / 'train.skipped.jsonl').read_text().splitlines()]
     assert [s['source_ref'] for s in skipped] == [victim]
+    assert skipped[0]['scene_id'] == victim and skipped[0]['source_file'].endswith('frame000003.jpg')
     assert victim not in [s.meta['scene_id'] for s in scenes_of(tmp_path / 'out2', 'train')]
     # two frames with one frame_number
     name = victim.split('/')[1]

@@ -265,6 +265,7 @@ def test_bad_capture_is_named_or_recorded_with_skip_bad(tmp_path, case):
     convert_ns(tmp_path / 'src', tmp_path / 'out2', downscale=4, skip_bad=True)
     skipped = [json.loads(x) for x in (tmp_path / 'out2' / 'train.skipped.jsonl').read_text().splitlines()]
     assert [s['source_ref'] for s in skipped] == [f'{SUBSET}/{capture_name(2, 1)}']
+    assert skipped[0]['scene_id'] == f'{SUBSET}/{capture_name(2, 1)}' and skipped[0]['source_file']
     assert [s.meta['scene_id'] for s in scenes_of(tmp_path / 'out2')] == [f'{SUBSET}/{capture_name(2, 0)}']
 
 

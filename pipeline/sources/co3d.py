@@ -205,6 +205,15 @@ class CO3DSource:
         return read_each(self._read_scene, split, refs, start_index)
 
     def _read_scene(self, split: str, ref: str, index: int) -> SourceScene:
+        try:
+            return self._scene(split, ref, index)
+        except SourceError as e:  # for the skipped-scene log
+            e.scene_id = ref if e.scene_id is None else e.scene_id
+            e.source_file = e.source_file or os.path.join(
+                self._category_dir(ref.split('/', 1)[0]), FRAME_ANNOTATIONS)
+            raise
+
+    def _scene(self, split: str, ref: str, index: int) -> SourceScene:
         category, seq = ref.split('/', 1)
         jgz = os.path.join(self._category_dir(category), FRAME_ANNOTATIONS)
         all_frames, seq_annots = self._annotations(category)

@@ -172,6 +172,14 @@ class NerfstudioSource:
         return os.path.basename(os.path.abspath(self.root)) if ref == '.' else ref
 
     def _read_scene(self, split: str, ref: str, index: int) -> SourceScene:
+        try:
+            return self._scene(split, ref, index)
+        except SourceError as e:  # for the skipped-scene log
+            e.scene_id = self.scene_id(ref) if e.scene_id is None else e.scene_id
+            e.source_file = e.source_file or os.path.join(self.root, ref, TRANSFORMS)
+            raise
+
+    def _scene(self, split: str, ref: str, index: int) -> SourceScene:
         data_dir = os.path.normpath(os.path.join(self.root, ref))
         path = os.path.join(data_dir, TRANSFORMS)
         try:
