@@ -291,3 +291,26 @@ def test_command_line(tmp_path, capsys):
     assert convert_main(['nerfstudio', '--src', str(tmp_path / 'src'), '--out',
                          str(tmp_path / 'out2'), '--downscale', '8', '--no-progress']) == 1
     assert 'images_8/frame_00001.png: missing view image' in capsys.readouterr().err
+
+
+def test_masks_are_extras_from_masks_n(tmp_path):
+    """mask_path in every frame: the masks_N/ files become extras 'mask' (source bytes); in some
+    frames only: named error, as nerfstudio asserts."""
+    from PIL import Image
+    write_dl3dv(tmp_path / 'src', 1, seed=7, workers=1)
+    cdir = tmp_path / 'src' / SUBSET / capture_name(7, 0)
+    (cdir / 'masks_4').mkdir()
+    t = json.loads((cdir / 'transforms.json').read_text())
+    for f in t['frames']:
+        name = pathlib.Path(f['file_path']).name
+        f['mask_path'] = f'masks/{name}'
+        Image.new('L', (96, 54), 255).save(cdir / 'masks_4' / name)
+    (cdir / 'transforms.json').write_text(json.dumps(t))
+    convert_ns(tmp_path / 'src', tmp_path / 'out', downscale=4)
+    scene = scenes_of(tmp_path / 'out')[0]
+    assert scene.meta['extras'] == ['mask']
+    assert scene.sample['mask_003.png'] == (cdir / 'masks_4' / 'frame_00004.png').read_bytes()
+    del t['frames'][0]['mask_path']
+    (cdir / 'transforms.json').write_text(json.dumps(t))
+    with pytest.raises(SourceError, match='mask_path is given for 7 of 8 frames'):
+        convert_ns(tmp_path / 'src', tmp_path / 'out2', downscale=4)
