@@ -198,6 +198,9 @@ def _plainly_valid(K: np.ndarray, c2w: np.ndarray) -> bool:
 
 # ----------------------------------------------------------------------------- one scene
 
+_STACK_MAX_PIXELS = 2**17  # views of fewer pixels are decoded into one [V, h, w, c] array
+
+
 class Scene:
     """One shard sample (schema 1 or 2): metadata and cameras parsed and checked at once, each
     view's pixels decoded on first use and kept (all the items of a scene share them).
@@ -235,9 +238,11 @@ class Scene:
         self.num_views, self.image_format, self._ext = num_views, fmt, ext
         self._sizes = sizes
         self._uniform = len(set(sizes)) == 1
-        # Decoded views of one size live in one [V, h, w, c] array, so that sampled pixels of many
-        # views are one gather (a loop over views cost 10x more than the decoding, for NMR); views
-        # of differing sizes are kept per view.
+        # Decoded small views of one size live in one [V, h, w, c] array, so that sampled pixels of
+        # many views are one gather (a loop over views cost 10x more than the decoding, for NMR);
+        # large views (RE10K's 360x640: the copy into that array cost 10% of a JPEG decode) and
+        # views of differing sizes are kept per view, as decoded.
+        self._stacked = self._uniform and sizes[0][0] * sizes[0][1] < _STACK_MAX_PIXELS
         self._pixels: np.ndarray | dict[int, np.ndarray] | None = None
         self._decoded = [False] * num_views
         self._extras: dict[tuple[str, int], np.ndarray] = {}
@@ -300,14 +305,16 @@ class Scene:
         for v in views:
             self.image(v)
         view_of, rem = np.divmod(flat, h * w)
-        if self._uniform:
-            pixels = self._pixels
+        if self._stacked:
             index = np.asarray(views, np.int64)[view_of] * (h * w) + rem
-        else:
-            pixels = np.stack([self._pixels[int(v)] for v in views])
-            index = view_of * (h * w) + rem
-        c = pixels.shape[-1]
-        return np.ascontiguousarray(np.take(pixels.reshape(-1, c), index, axis=0)[:, :3])
+            c = self._pixels.shape[-1]
+            return np.ascontiguousarray(np.take(self._pixels.reshape(-1, c), index, axis=0)[:, :3])
+        out = np.empty((len(flat), 3), np.uint8)
+        for i, v in enumerate(views):
+            sel = view_of == i
+            img = self._pixels[int(v)]
+            out[sel] = img.reshape(-1, img.shape[-1])[rem[sel], :3]
+        return out
 
     def extra(self, kind: str, view: int) -> np.ndarray:
         """The ``kind`` extra of ``view`` (e.g. 'category'): an image's own channels [h, w, c] or
@@ -362,7 +369,7 @@ class Scene:
         self._store(view, img)
 
     def _store(self, view: int, img: np.ndarray) -> None:
-        if not self._uniform:
+        if not self._stacked:
             if self._pixels is None:
                 self._pixels = {}
             self._pixels[view] = img

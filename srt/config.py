@@ -1,7 +1,8 @@
 """Run configuration: the reference YAML's three sections as dataclasses, plus our options.
 
 A run config is resolved in this order: the reference config of the shards' dataset (``runs/``, the
-same as ``REFERENCE_CONFIGS`` below) or ``--config``, then command-line flags. The resolved config is
+same as ``REFERENCE_CONFIGS`` below; for datasets outside SRT's, ours ``GENERIC_CONFIGS``, also in
+``runs/generic/``) or ``--config``, then command-line flags. The resolved config is
 written to the run directory and into every checkpoint.
 """
 from __future__ import annotations
@@ -67,6 +68,20 @@ REFERENCE_CONFIGS.update({
                         'training': {**_OSRT_TRAINING, 'num_workers': 8, 'batch_size': 128,
                                      'lr_warmup': 2500}},
 })
+
+
+# Ours, for datasets outside SRT's (the importers' sets: RE10K, ACID, LVSM scenes, ...; runs/generic/
+# <model>/config.yaml, its dataset name replaced by the shards'): the reference's MSN SRT with the
+# generic data mode (srt/data.py): 2 random input views resized to 180x320 (RE10K's 360x640 halved:
+# 2 x 23 x 40 = 1,840 tokens), 4 random targets of the other views at full size.
+GENERIC_CONFIGS: dict[str, dict[str, Any]] = {
+    'srt': {'data': {'dataset': 'generic', 'num_points': 8192,
+                     'kwargs': {'num_input_views': 2, 'num_target_views': 4,
+                                'input_size': [180, 320]}},
+            'model': {'encoder_kwargs': _OCTAVES, 'decoder': 'lightfield',
+                      'decoder_kwargs': _OCTAVES},
+            'training': {**_TRAINING, 'backup_every': 100000}},
+}
 
 
 @dataclasses.dataclass
@@ -136,16 +151,28 @@ class RunConfig:
         kwargs = {'canonical_view': d.canonical_view, 'max_objects': d.max_objects}
         if d.downsample is not None:
             kwargs['downsample'] = d.downsample
-        if d.num_input_views != 5:
+        if d.num_input_views != d.default_input_views:
             kwargs['num_input_views'] = d.num_input_views
         if d.train_on_inputs:
             kwargs['train_on_inputs'] = True
+        for name in ('num_target_views', 'input_size'):
+            if getattr(d, name) is not None:
+                kwargs[name] = getattr(d, name)
         return {'data': {'dataset': d.dataset, 'num_points': d.num_points, 'kwargs': kwargs},
                 'model': self.model.to_dict(), 'training': dataclasses.asdict(self.training)}
 
 
 def reference_config(dataset: str, model: str = 'srt') -> dict[str, Any]:
-    """The reference config for a dataset (obsurf_msn uses CLEVR3D's where the reference has none)."""
+    """The reference config for a dataset (obsurf_msn uses CLEVR3D's where the reference has none);
+    for a dataset outside SRT's, ours (``GENERIC_CONFIGS``)."""
+    from srt.data import DATASETS, DATASET_ALIASES
+    if DATASET_ALIASES.get(dataset, dataset) not in DATASETS:
+        if model not in GENERIC_CONFIGS:
+            raise ValueError(f'no config {model!r} for datasets outside SRT\'s ({dataset!r}); '
+                             f'available: {sorted(GENERIC_CONFIGS)} (or pass --config)')
+        cfg = copy.deepcopy(GENERIC_CONFIGS[model])
+        cfg['data']['dataset'] = dataset
+        return cfg
     key = f'{dataset}/{model}'
     if key not in REFERENCE_CONFIGS and dataset == 'obsurf_msn':
         key = f'clevr3d/{model}'
@@ -210,6 +237,9 @@ def resolve(dataset: str, config_path: str | None = None, model: str = 'srt',
     (None keeps the config's). ValueError for a config of another dataset than ``shards`` hold,
     or a bad setting (naming it)."""
     raw = load_yaml(config_path) if config_path else reference_config(dataset, model)
+    if raw['data']['dataset'] == GENERIC_CONFIGS['srt']['data']['dataset'] and \
+            DataConfig(dataset).generic:
+        raw['data']['dataset'] = dataset  # runs/generic/*: for any dataset outside SRT's
     if raw['data']['dataset'] != dataset:
         raise ValueError(f'the config is for dataset {raw["data"]["dataset"]!r} but {shards} '
                          f'holds {dataset!r} shards')

@@ -11,6 +11,12 @@ Per dataset (the reference's loaders: stelzner/srt ``srt/data/{nmr,obsurf,multis
 - ``msn``: 5 input views drawn at random without replacement (their order matters: the first is
   canonical), the targets are the other views in increasing order; one item per scene.
   (``num_input_views`` and ``downsample`` for MSN are our additions, for small CPU configs.)
+- any other dataset (ours: the importers' sets, e.g. RE10K, ACID, LVSM scenes; any view count and
+  image size): ``num_input_views`` (2) input views drawn at random, ``num_target_views`` (all the
+  others by default) targets drawn at random from the other views (with replacement when fewer);
+  one item per scene; canonical frame of the first input view (its ``meta.json`` rule,
+  'input_view_pose': that camera's own frame). ``input_size`` resizes the input views (bilinear,
+  their K scaled to match), e.g. to give a batch one input size when scenes differ.
 
 Targets are ``num_points`` pixels drawn uniformly without replacement from all target pixels (with
 replacement only when there are fewer), or every pixel in row-major order per target view
@@ -34,41 +40,59 @@ from pipeline import cameras
 from pipeline.reader import Scene
 
 NUM_MSN_INPUT_VIEWS = 5
-DATASETS = ('nmr', 'clevr3d', 'obsurf_msn', 'msn', 'msn_hard')
+DATASETS = ('nmr', 'clevr3d', 'obsurf_msn', 'msn', 'msn_hard')  # SRT's and OSRT's; others: generic
 # Names the reference configs use for our datasets: OSRT's runs/msn/osrt says ``dataset: osrt`` for
 # MSN-Hard (its loader: MultishapenetDataset(osrt=True), i.e. multi_shapenet_conditional with
 # instance images), which we call msn_hard.
 DATASET_ALIASES = {'osrt': 'msn_hard'}
 MSN_LIKE = ('msn', 'msn_hard')  # 10 views per scene, k random input views, the others targets
+NUM_GENERIC_INPUT_VIEWS = 2
 
 
 @dataclasses.dataclass
 class DataConfig:
     """The reference YAML's ``data`` section."""
-    dataset: str  # nmr | clevr3d | obsurf_msn | msn | msn_hard (YAML alias: osrt)
+    dataset: str  # nmr | clevr3d | obsurf_msn | msn | msn_hard (YAML alias: osrt); any other
+    # name is a dataset of the generic mode (the shards' dataset, e.g. re10k)
     num_points: int = 2048  # target rays per item (the reference's default)
     canonical_view: bool = True  # express everything in the first input view's canonical frame
     downsample: int | None = None  # keep every 2^d-th input pixel (clevr3d/srt uses 1; the
     # reference has it for ObSuRF only, ours applies it to any dataset)
     max_objects: int = 6  # ObSuRF: drop scenes with more objects
     full_scale: bool = False  # targets: every pixel instead of num_points samples
-    num_input_views: int = NUM_MSN_INPUT_VIEWS  # MSN: input views per scene (the reference's 5; ours to change)
+    num_input_views: int | None = None  # MSN: input views per scene (the reference's 5; ours to
+    # change); generic mode: 2 by default
     train_on_inputs: bool = False  # MSN, training only: the input views are targets too (ours;
     # evaluation always scores the other views)
+    num_target_views: int | None = None  # generic mode: target views per item (None: the others)
+    input_size: list[int] | None = None  # [h, w]: resize input views to it, K scaled (None: keep)
 
     def __post_init__(self):
         self.dataset = DATASET_ALIASES.get(self.dataset, self.dataset)
-        if self.dataset not in DATASETS:
-            raise ValueError(f'data.dataset {self.dataset!r} is not one of {", ".join(DATASETS)} '
-                             f'(or an alias: {DATASET_ALIASES})')
-        if self.num_input_views != 5 and self.dataset not in MSN_LIKE:
-            raise ValueError('data.kwargs.num_input_views applies to msn_hard and msn only (the others '
-                             'have one input view)')
+        if self.num_input_views is not None and self.dataset in DATASETS \
+                and self.dataset not in MSN_LIKE and self.num_input_views != NUM_MSN_INPUT_VIEWS:
+            raise ValueError('data.kwargs.num_input_views applies to msn_hard and msn only, and to '
+                             'datasets outside SRT\'s (the others have one input view)')
+        if self.num_input_views is None:
+            self.num_input_views = NUM_GENERIC_INPUT_VIEWS if self.generic else NUM_MSN_INPUT_VIEWS
+        if self.num_input_views < 1:
+            raise ValueError('data.kwargs.num_input_views must be >= 1')
+        if self.num_target_views is not None and (not self.generic or self.num_target_views < 1):
+            raise ValueError('data.kwargs.num_target_views applies to datasets outside SRT\'s '
+                             f'{DATASETS} and must be >= 1')
+        if self.input_size is not None:
+            if len(self.input_size) != 2 or min(self.input_size) < 1:
+                raise ValueError(f'data.kwargs.input_size must be [height, width], got '
+                                 f'{self.input_size}')
+            if self.downsample:
+                raise ValueError('data.kwargs: input_size and downsample exclude each other')
+            self.input_size = [int(x) for x in self.input_size]
 
     @classmethod
     def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
         kwargs = dict(data.get('kwargs') or {})
-        known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views', 'train_on_inputs'}
+        known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views', 'train_on_inputs',
+                 'num_target_views', 'input_size'}
         unknown = set(kwargs) - known
         if unknown:
             raise ValueError(f'data.kwargs has unknown keys {sorted(unknown)} (known: {sorted(known)})')
@@ -78,6 +102,15 @@ class DataConfig:
     @property
     def obsurf(self) -> bool:
         return self.dataset in ('clevr3d', 'obsurf_msn')
+
+    @property
+    def generic(self) -> bool:
+        """A dataset outside SRT's (the importers' sets): random inputs and targets, any views."""
+        return self.dataset not in DATASETS
+
+    @property
+    def default_input_views(self) -> int:
+        return NUM_GENERIC_INPUT_VIEWS if self.generic else NUM_MSN_INPUT_VIEWS
 
 
 def key_seed(key: str, seed: int = 0) -> list[int]:
@@ -89,12 +122,15 @@ def key_seed(key: str, seed: int = 0) -> list[int]:
 # ----------------------------------------------------------------------------- per scene
 
 def items_per_scene(cfg: DataConfig, num_views: int) -> int:
-    return 1 if cfg.dataset in MSN_LIKE else num_views
+    return 1 if cfg.dataset in MSN_LIKE or cfg.generic else num_views
 
 
 def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Generator
                  ) -> tuple[list[int], list[int]]:
-    """(input views, target views) of a scene's ``item``-th item, as the reference chooses them."""
+    """(input views, target views) of a scene's ``item``-th item, as the reference chooses them
+    (generic mode: see the module docstring)."""
+    if cfg.generic:
+        return generic_views(cfg, num_views, rng)
     if cfg.dataset in MSN_LIKE:
         inputs = [int(v) for v in rng.choice(num_views, cfg.num_input_views, replace=False)]
         if cfg.train_on_inputs:
@@ -105,12 +141,28 @@ def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Gene
     return [item], list(range(num_views))  # ObSuRF: the input view is a target too
 
 
+def generic_views(cfg: DataConfig, num_views: int, rng: np.random.Generator
+                  ) -> tuple[list[int], list[int]]:
+    """Generic mode: ``num_input_views`` distinct random inputs (the first is canonical), then
+    ``num_target_views`` random targets among the other views, sorted (drawn with replacement when
+    there are fewer; None: all the others)."""
+    k = cfg.num_input_views
+    if num_views <= k:
+        raise ValueError(f'a scene of {num_views} views has no target view besides {k} inputs')
+    inputs = [int(v) for v in rng.choice(num_views, k, replace=False)]
+    others = np.array(sorted(set(range(num_views)) - set(inputs)))
+    if cfg.num_target_views is None:
+        return inputs, [int(v) for v in others]
+    t = cfg.num_target_views
+    return inputs, sorted(int(v) for v in rng.choice(others, t, replace=len(others) < t))
+
+
 def canonical_transform(cfg: DataConfig, scene: Scene, view: int) -> np.ndarray:
     """canonical_from_world [4, 4] float64 of the first input view (identity without canonical)."""
     if not cfg.canonical_view:
         return np.eye(4)
     return cameras.canonical_from_world(scene.meta['canonical_frame'], scene.K[view],
-                                        scene.c2w[view], scene.height, scene.width)
+                                        scene.c2w[view], *scene.image_size(view))
 
 
 def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Sequence[int],
@@ -119,12 +171,18 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     ``cfg.full_scale`` must be set)."""
     T = canonical_transform(cfg, scene, inputs[0])
     views = list(inputs) + list(targets)
-    M = T[:3, :3] @ scene.c2w[views, :3, :3] @ np.linalg.inv(scene.K[views])  # [n, 3, 3]
-    pos = scene.c2w[views, :3, 3] @ T[:3, :3].T + T[:3, 3]  # [n, 3]
-    k, h, w = len(inputs), scene.height, scene.width
+    k = len(inputs)
+    K = scene.K[views]
     step = 2 ** cfg.downsample if cfg.downsample else 1
     start = step // 2
-    input_images = np.stack([scene.image(v)[start::step, start::step] for v in inputs])
+    if cfg.input_size is not None:
+        input_images, K[:k] = resized_inputs(scene, inputs, cfg.input_size)
+    else:
+        input_images = np.stack([scene.image(v)[start::step, start::step]
+                                 for v in _same_size(scene, inputs, 'input')])
+    M = T[:3, :3] @ scene.c2w[views, :3, :3] @ np.linalg.inv(K)  # [n, 3, 3]
+    pos = scene.c2w[views, :3, 3] @ T[:3, :3].T + T[:3, 3]  # [n, 3]
+    h, w = scene.image_size(_same_size(scene, targets, 'target')[0])
     num_pixels = len(targets) * h * w
     if cfg.full_scale:
         flat = np.arange(num_pixels)
@@ -153,6 +211,34 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     return item
 
 
+def _same_size(scene: Scene, views: Sequence[int], what: str) -> Sequence[int]:
+    sizes = {scene.image_size(v) for v in views}
+    if len(sizes) > 1:
+        from pipeline.reader import ShardError
+        raise ShardError(f'{scene.where}: {what} views {list(views)} differ in size '
+                         f'({sorted(sizes)}); set data.kwargs.input_size for inputs')
+    return views
+
+
+def resized_inputs(scene: Scene, views: Sequence[int], size: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Input views resized to ``size`` [h, w] (bilinear, image corners kept) [k, h, w, 3] uint8, and
+    their intrinsics scaled to match: K' = diag(w' / w, h' / h, 1) @ K (pixel centres stay at +0.5,
+    as image coordinates scale with the image)."""
+    from PIL import Image
+    h1, w1 = size
+    images, Ks = [], []
+    for v in views:
+        h, w = scene.image_size(v)
+        img = scene.image(v)
+        if (h, w) != (h1, w1):
+            img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+                (w1, h1), Image.BILINEAR))
+        images.append(img)
+        Ks.append(np.diag([w1 / w, h1 / h, 1.0]) @ scene.K[v])
+    return np.stack(images), np.stack(Ks)
+
+
 def scene_item(cfg: DataConfig, scene: Scene, item: int, rng: np.random.Generator | None
                ) -> dict[str, Any]:
     """A scene's ``item``-th item: views chosen as the reference does (``choose_views``), the item
@@ -164,15 +250,31 @@ def scene_item(cfg: DataConfig, scene: Scene, item: int, rng: np.random.Generato
 
 
 def keep_scene(cfg: DataConfig, scene: Scene) -> bool:
-    """The reference's max_objects filter (ObSuRF)."""
+    """The reference's max_objects filter (ObSuRF); generic mode: scenes with a view to target
+    besides the inputs."""
+    if cfg.generic:
+        return scene.num_views > cfg.num_input_views
     n = scene.meta.get('source', {}).get('num_objects')
     return not (cfg.obsurf and n is not None and n > cfg.max_objects)
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items; string fields (scene keys) become lists."""
-    return {k: ([it[k] for it in items] if isinstance(items[0][k], str)
-                else np.stack([it[k] for it in items])) for k in items[0]}
+    """Stack items; string fields (scene keys) become lists. ValueError naming the field and the
+    settings to change when items differ in shape (generic mode: scenes of other image sizes or
+    view counts)."""
+    out = {}
+    for k in items[0]:
+        values = [it[k] for it in items]
+        if isinstance(values[0], str):
+            out[k] = values
+            continue
+        shapes = {np.shape(x) for x in values}
+        if len(shapes) > 1:
+            raise ValueError(f'items of one batch differ in {k} ({sorted(shapes)}; scenes '
+                             f'{[it.get("scene_key") for it in items]}): set data.kwargs.input_size '
+                             '(input image size) and num_target_views (targets per item)')
+        out[k] = np.stack(values)
+    return out
 
 
 # ----------------------------------------------------------------------------- on the device

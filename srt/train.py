@@ -180,7 +180,8 @@ def build(args: argparse.Namespace, cfg: run_config.RunConfig, manifest: dict[st
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
     return Run(args=args, cfg=cfg, resolved=cfg.to_dict(), rank=rank, world=world, device=device,
                micro=micro, out_dir=out_dir, eval_split=eval_split, model=model, optimizer=optimizer,
-               num_views=sum(1 for m in manifest['members'] if m.startswith(f'{RGB_PREFIX}_')),
+               num_views=manifest.get('max_views') or  # schema 1: count the members
+               sum(1 for m in manifest['members'] if m.startswith(f'{RGB_PREFIX}_')),
                render_kwargs=runtime.render_kwargs(cfg, args.shards),
                autocast=runtime.autocast(device, cfg.training.precision),
                compiled=cfg.training.compile if cfg.training.compile is not None else

@@ -1,25 +1,32 @@
 #!/usr/bin/env python
-"""Loader throughput per core: SRT training batches from shards vs PNG decoding alone vs the
-reference implementation's loading path, for MSN-, NMR- and CLEVR3D-shaped data, in one run.
+"""Loader throughput per core: SRT training batches from shards vs image decoding alone vs the
+reference implementation's loading path, for MSN-, NMR-, CLEVR3D- and RE10K-shaped data, in one run.
 
     python tools/bench_loader.py [--workdir /tmp/srt_bench] [--seconds 8]
 
 Data: generated with tools/make_synthetic.py (msn 128x128 x10, nmr 64x64 x24, obsurf 240x320 RGBA
-x3) and converted with tools/convert_*.py, cached in --workdir. Rows, per core (one process; rates
-are items per CPU second of the process, so TensorFlow's threads count too):
-  decode only     the PNGs an item uses (every view of its scene: NMR 24, CLEVR3D 3, MSN 10)
-                  decoded with the fastest decoder, bytes already in memory: the limit of a loader
-                  that decodes per item (ours decodes a scene once for all of its items, which is
-                  why it can pass this limit for NMR and CLEVR3D)
+x3) and converted with tools/convert_*.py, cached in --workdir; re10k: pixelSplat chunks of clips
+of --frames 360x640 JPEG frames (quality 90; 8 distinct rendered frames repeated, RE10K's ~50 KB
+each), chunks closed at 1e8 bytes as real_estate_10k_tools does, converted with
+tools/convert_pixelsplat.py. Rows, per core (one process; rates are items per CPU second of the
+process, so TensorFlow's threads count too):
+  decode only     the images an item uses (every view of its scene: NMR 24, CLEVR3D 3, MSN 10;
+                  RE10K its 2 input + 4 target views) decoded with the fastest decoder, bytes
+                  already in memory: the limit of a loader that decodes per item (ours decodes a
+                  scene once for all of its items, which is why it can pass this limit for NMR and
+                  CLEVR3D)
   ours            pipeline.stream + srt.loader.TrainStream: tar reading, decoding, view choice,
                   canonical frames and num_points target pixels per item, collated batches (rays
                   are computed on the training device from the shipped cameras)
   ours + rays     the same, plus srt.data.to_model_inputs on the CPU (float images, every ray)
   reference       the reference's path re-implemented: NMR / CLEVR3D per item every PNG read from
                   its file and numpy rays of every view; MSN a tf.data pipeline over the TFRecords
-                  that decodes the PNGs and computes per-pixel rays as sunds does
+                  that decodes the PNGs and computes per-pixel rays as sunds does; RE10K the
+                  pixelSplat way: torch.load of each chunk, its cameras converted, then per item
+                  the 6 views decoded as its convert_images does (PIL + ToTensor; its 256x256
+                  crop shim not counted)
 An item is what the model sees per scene slot of a batch: NMR and CLEVR3D (scene, input view) pairs,
-MSN scenes.
+MSN and RE10K scenes (RE10K: 2 random input views at 360x640, 4 random targets).
 """
 from __future__ import annotations
 
@@ -40,22 +47,57 @@ SETS = {  # name: (generator format, converter, dataset, scenes)
     'msn': ('msn', 'convert_msn.py', 'msn', 300),
     'nmr': ('nmr', 'convert_nmr.py', 'nmr', 120),
     'clevr3d': ('obsurf', 'convert_obsurf.py', 'clevr3d', 150),
+    're10k': (None, 'convert_pixelsplat.py', 're10k', 40),
 }
+RE10K_SIZE, RE10K_INPUTS, RE10K_TARGETS, CHUNK_BYTES = (360, 640), 2, 4, int(1e8)
 NUM_POINTS = 8192
 BATCH = 8
 
 
-def prepare(workdir: str, name: str, scenes: int | None = None) -> tuple[str, str]:
+def prepare(workdir: str, name: str, scenes: int | None = None, frames: int = 100
+            ) -> tuple[str, str]:
     fmt, tool, _, default_scenes = SETS[name]
     scenes = scenes or default_scenes
     src, out = os.path.join(workdir, f'{name}_src'), os.path.join(workdir, f'{name}_shards')
-    if not os.path.isdir(src):
+    if name == 're10k':
+        src = os.path.join(workdir, f're10k_{scenes}x{frames}', 're10k')
+        if not os.path.isdir(src):
+            write_re10k_chunks(src, scenes, frames)
+    elif not os.path.isdir(src):
         subprocess.run([sys.executable, os.path.join(ROOT, 'tools/make_synthetic.py'), '--format',
                         fmt, '--out', src, '--scenes', str(scenes)], check=True)
+    per_shard = '8' if name == 're10k' else '25'
     subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out', out,
-                    '--splits', 'train', '--scenes-per-shard', '25', '--no-progress'], check=True,
-                   stdout=subprocess.DEVNULL)
+                    '--splits', 'train', '--scenes-per-shard', per_shard, '--no-progress'],
+                   check=True, stdout=subprocess.DEVNULL)
     return src, out
+
+
+def write_re10k_chunks(root: str, scenes: int, frames: int) -> None:
+    """RE10K-shaped pixelSplat chunks: ``scenes`` clips of ``frames`` 360x640 JPEGs (8 distinct
+    renders of one clip, repeated), chunks closed once they hold >= 1e8 image bytes."""
+    import torch
+    from pipeline.synthetic import jpeg_bytes, render_views, sample_scene, scene_rng, video_cameras
+    h, w = RE10K_SIZE
+    n = min(8, frames)
+    K, poses = video_cameras(scene_rng(0, 'train', 0, 1), n, h, w)
+    jpegs = [jpeg_bytes(im) for im in render_views(sample_scene('msn', 0, 'train', 0), K, poses, h,
+                                                   w)['rgb']]
+    rows = np.zeros((n, 18), np.float32)
+    rows[:, :4] = K[:, [0, 1, 0, 1], [0, 1, 2, 2]] / np.array([w, h, w, h])
+    rows[:, 6:] = np.linalg.inv(poses)[:, :3].reshape(n, 12)
+    os.makedirs(os.path.join(root, 'train'))
+    chunk, size, count = [], 0, 0
+    for s in range(scenes):
+        pick = [f % n for f in range(frames)]
+        chunk.append({'url': '', 'timestamps': torch.arange(frames) * 100100,
+                      'cameras': torch.from_numpy(rows[pick]), 'key': f'{s:016x}',
+                      'images': [torch.frombuffer(bytearray(jpegs[i]), dtype=torch.uint8)
+                                 for i in pick]})
+        size += sum(len(jpegs[i]) for i in pick)
+        if size >= CHUNK_BYTES or s == scenes - 1:
+            torch.save(chunk, os.path.join(root, 'train', f'{count:0>6}.torch'))
+            chunk, size, count = [], 0, count + 1
 
 
 def timed(fn, seconds: float) -> float:
@@ -69,26 +111,30 @@ def timed(fn, seconds: float) -> float:
 
 # ----------------------------------------------------------------------------- rows
 
-def decode_only(shards: str):
-    from pipeline.decode import decode_png
+def decode_only(shards: str, views_per_item: int | None = None):
+    """Decoding the images of 40 items: every view of a scene, or ``views_per_item`` of them."""
+    from pipeline.decode import decode_image
     from pipeline.reader import iter_shard, shard_urls
     from pipeline.schema import rgb_view
-    pngs = [[v for k, v in s.items() if rgb_view(k) is not None]
-            for url in shard_urls(shards, 'train') for s in iter_shard(url)]
+    images = [[v for k, v in sorted(s.items()) if rgb_view(k) is not None][:views_per_item]
+              for url in shard_urls(shards, 'train') for s in iter_shard(url)]
+    images = (images * 40)[:40]
 
     def run():
-        for scene in pngs[:40]:
+        for scene in images:
             for data in scene:
-                decode_png(data, 3)
-        return 40  # items: each needs every view of its scene
+                decode_image(data, 3)
+        return 40
     return run
 
 
 def ours(shards: str, dataset: str, rays: bool):
     from srt.data import DataConfig, to_model_inputs
     from srt.loader import TrainStream, shard_table
+    generic = {'num_input_views': RE10K_INPUTS, 'num_target_views': RE10K_TARGETS} \
+        if dataset == 're10k' else {}
     cfg = DataConfig(dataset=dataset, num_points=NUM_POINTS,
-                     downsample=1 if dataset == 'clevr3d' else None)
+                     downsample=1 if dataset == 'clevr3d' else None, **generic)
     stream = iter(TrainStream(cfg, shard_table(shards, 'train'), BATCH, shards_per_visit=4,
                               item_buffer=64))
 
@@ -168,6 +214,41 @@ def reference_files(src: str, dataset: str):
     return run
 
 
+def pixelsplat_way(src: str):
+    """pixelSplat's loader re-implemented (src/dataset/dataset_re10k.py:88-139): torch.load of each
+    chunk, convert_poses of every scene (:179-200), per item 2 context + 4 target views decoded by
+    convert_images (:202-210: PIL.Image.open + ToTensor) and the shape check; the view sampler's
+    draw is a random choice here, the crop shim (a 256x256 resize) is not counted."""
+    import io
+
+    import torch
+    import torchvision.transforms as tf
+    from PIL import Image
+    paths = sorted(os.path.join(src, 'train', f) for f in os.listdir(os.path.join(src, 'train')))
+    to_tensor, rng, state = tf.ToTensor(), np.random.default_rng(0), {'chunk': 0}
+
+    def convert_poses(poses):
+        b = poses.shape[0]
+        intrinsics = torch.eye(3, dtype=torch.float32).repeat(b, 1, 1)
+        intrinsics[:, 0, 0], intrinsics[:, 1, 1] = poses[:, 0], poses[:, 1]
+        intrinsics[:, 0, 2], intrinsics[:, 1, 2] = poses[:, 2], poses[:, 3]
+        w2c = torch.eye(4, dtype=torch.float32).repeat(b, 1, 1)
+        w2c[:, :3] = poses[:, 6:].reshape(b, 3, 4)
+        return w2c.inverse(), intrinsics
+
+    def run():
+        chunk = torch.load(paths[state['chunk'] % len(paths)])
+        state['chunk'] += 1
+        for example in chunk:
+            convert_poses(example['cameras'])
+            views = rng.choice(len(example['images']), RE10K_INPUTS + RE10K_TARGETS, replace=False)
+            images = torch.stack([to_tensor(Image.open(io.BytesIO(
+                example['images'][v].numpy().tobytes()))) for v in views])
+            assert images.shape[1:] == (3, *RE10K_SIZE)
+        return len(chunk)
+    return run
+
+
 def reference_msn(src: str):
     """The reference's MSN path: tf.data over the TFRecords, PNG decoding and per-pixel rays as
     sunds computes them (pinhole through pixel centres, scene_from_camera = pose * inv(extr))."""
@@ -230,6 +311,7 @@ def main(argv=None) -> int:
     p.add_argument('--seconds', type=float, default=8.0, help='measuring time per cell')
     p.add_argument('--sets', nargs='+', default=list(SETS), choices=list(SETS))
     p.add_argument('--scenes', type=int, help='scenes to generate per set (default: per set)')
+    p.add_argument('--frames', type=int, default=100, help='re10k: frames per clip (default 100)')
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -239,13 +321,15 @@ def main(argv=None) -> int:
           f'rates are items per CPU second (one process)')
     rows = []
     for name in args.sets:
-        src, shards = prepare(args.workdir, name, args.scenes)
+        src, shards = prepare(args.workdir, name, args.scenes, args.frames)
         dataset = SETS[name][2]
-        row = {'set': name, 'decode': timed(decode_only(shards), args.seconds),
+        per_item = RE10K_INPUTS + RE10K_TARGETS if name == 're10k' else None
+        reference = {'msn': lambda: reference_msn(src), 're10k': lambda: pixelsplat_way(src)}.get(
+            name, lambda: reference_files(src, dataset))
+        row = {'set': name, 'decode': timed(decode_only(shards, per_item), args.seconds),
                'ours': timed(ours(shards, dataset, False), args.seconds),
                'ours_rays': timed(ours(shards, dataset, True), args.seconds),
-               'reference': timed(reference_msn(src) if name == 'msn' else
-                                  reference_files(src, dataset), args.seconds)}
+               'reference': timed(reference(), args.seconds)}
         rows.append(row)
         print(f'{name}: done', flush=True)
     print()
