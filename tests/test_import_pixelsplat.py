@@ -222,3 +222,19 @@ def test_plain_webdataset_reads_the_jpeg_shards(shards):
         sizes = s['meta.json']['image_sizes']
         assert s['rgb_000.jpg'].shape == (*sizes[0], 3)
         assert s['cameras.npz']['K'].shape == (s['meta.json']['num_views'], 3, 3)
+
+
+def test_the_reader_in_docs_reads_jpeg_views_of_any_size(shards):
+    from tests.test_convert import _docs_reader
+    ns, _ = _docs_reader()
+    got = {key: (meta, rgb, K) for url in shard_urls(str(shards), 'test')
+           for key, meta, rgb, K, _ in ns['scenes'](url)}
+    ours = {s.meta['key']: s for s in scenes(shards, 'test')}
+    assert sorted(got) == sorted(ours)
+    sizes = set()
+    for key, (meta, rgb, K) in got.items():
+        for v in range(meta['num_views']):
+            assert (np.asarray(rgb[v]) == ours[key].image(v)[..., :3]).all()
+            sizes.add(tuple(np.asarray(rgb[v]).shape[:2]))
+        assert np.array_equal(K, ours[key].K)
+    assert len(sizes) == 2  # the generator's other-size scene is read too
