@@ -15,9 +15,10 @@ def run_tool(*args):
 
 def test_bench_loader_prints_its_table(tmp_path):
     out = run_tool('tools/bench_loader.py', '--workdir', tmp_path, '--scenes', 12, '--seconds',
-                   0.2, '--sets', 'msn', 'nmr')
-    rows = [line for line in out.splitlines() if line.startswith('| msn') or line.startswith('| nmr')]
-    assert len(rows) == 2 and all(line.count('|') == 8 for line in rows)
+                   0.2, '--sets', 'msn', 'nmr', 're10k', '--frames', 8)
+    rows = [line for line in out.splitlines() if line.split(' ')[:2] in
+            (['|', 'msn'], ['|', 'nmr'], ['|', 're10k'])]
+    assert len(rows) == 3 and all(line.count('|') == 8 for line in rows)
 
 
 def test_bench_convert_prints_its_ratios(tmp_path):
