@@ -129,22 +129,22 @@ def take(intervals: Intervals, cum: list[int], lo: int, hi: int) -> Intervals:
     return out
 
 
+def to_intervals(ids: np.ndarray) -> Intervals:
+    """Sorted unique ids as intervals (runs of consecutive ids)."""
+    if len(ids) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = ids[np.concatenate([[0], breaks])].tolist()
+    stops = (ids[np.concatenate([breaks - 1, [len(ids) - 1]])] + 1).tolist()
+    return list(zip(starts, stops))
+
+
 def subtract(intervals: Intervals, ids: np.ndarray) -> Intervals:
-    """``intervals`` without the sample ids ``ids`` (sorted or not)."""
+    """``intervals`` without the sample ids ``ids`` (any order)."""
     if len(ids) == 0:
         return list(intervals)
-    out = []
-    ids = np.unique(ids)
-    for a, b in intervals:
-        lo, hi = np.searchsorted(ids, a), np.searchsorted(ids, b)
-        cur = a
-        for x in ids[lo:hi].tolist():
-            if x > cur:
-                out.append((cur, x))
-            cur = x + 1
-        if b > cur:
-            out.append((cur, b))
-    return out
+    keep = expand(intervals)
+    return to_intervals(keep[~np.isin(keep, ids)])
 
 
 def expand(intervals: Intervals) -> np.ndarray:
@@ -230,16 +230,20 @@ def visit_events(order: EpochOrder, visit: Visit, buffer: int) -> list[int]:
     # per shard, its scenes' global indices, last first (pop() takes the next)
     queues = [[start + s for s in reversed(scenes)] for start, scenes in zip(visit.starts, visit.scenes)]
     active = [j for j in range(len(queues)) if queues[j]]
+    # All draws at once (one uniform per read and per emission; floor(u * k) is uniform in [0, k)):
+    # a visit's schedule is computed whenever it starts, so it must be cheap.
+    read_u = iter(rng.random(len(items)).tolist())
+    emit_u = iter(rng.random(len(visit.ids)).tolist())
     events: list[int] = []
     buf: list[int] = []
 
     def emit_one():
-        k = int(rng.integers(len(buf)))
+        k = int(next(emit_u) * len(buf))
         buf[k], buf[-1] = buf[-1], buf[k]
         events.append(buf.pop())
 
     while active:
-        a = int(rng.integers(len(active)))
+        a = int(next(read_u) * len(active))
         j = active[a]
         scene = queues[j].pop()
         if not queues[j]:

@@ -134,7 +134,11 @@ class MultiViewStream(IterableDataset):
     # ------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        physical, num_workers = _worker()
+        return self.worker_batches(*_worker())
+
+    def worker_batches(self, physical: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The batches of DataLoader worker ``physical`` of ``num_workers`` (what ``iter`` gives
+        inside that worker; a DataLoader takes them round-robin from worker 0)."""
         layout = self.layout(num_workers)
         if not self.train:
             deal = ep.plan_epoch(self.counts, self.seed, 0, layout, self.sps, shuffle=False)
