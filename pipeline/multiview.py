@@ -192,7 +192,8 @@ class MultiViewStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._batch(batch, slot, deal.layout.workers, deal.order.epoch, walked,
                                       events)
-                    batch, events = [], Counter()
+                    batch = []
+                    events.clear()  # in place: the visit being read counts into it
                     batch_index[0] += deal.layout.workers
                     step = batch_index[0] // self.batches_per_step
                     if need is not None and emitted >= need:
