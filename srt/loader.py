@@ -76,7 +76,7 @@ def _samples_per_scene(cfg: DataConfig, shards: Sequence[ShardRef], num_views: i
 
 class TrainStream(MultiViewStream):
     """Endless batches of ``batch_size`` SRT items per rank (numpy dicts, see
-    ``srt.data.make_item``) with ``scene_key`` (list) and the stream's ``_pos`` [slot, epoch,
+    ``srt.data.make_item``) with ``scene_key`` (list) and the stream's ``_pos`` [worker, epoch,
     position], ``_bad`` (unreadable shards and scenes since the previous batch, each logged with
     its URL) and ``_events``. ``num_views``: views per scene (read from the first scene if None);
     ``state``: a saved (merged) ``StreamState.state_dict()``."""
@@ -114,6 +114,20 @@ class StreamState(StreamTracker):
         super().__init__(meta, [world_size, num_workers, batch_size, shards_per_visit, buffer],
                          state, rank)
 
+    @classmethod
+    def of(cls, stream: MultiViewStream, num_workers: int, state: dict[str, Any] | None = None
+           ) -> 'StreamState':
+        """The recorder of ``stream`` run by ``num_workers`` DataLoader workers (its whole layout
+        and meta recorded)."""
+        out = cls.__new__(cls)
+        StreamTracker.__init__(out, stream.meta, stream.layout(num_workers).to_list(), state,
+                               stream.rank)
+        return out
+
+    def global_state(self) -> dict[str, Any]:
+        """Every rank's state joined (a collective under DDP: call it on every rank)."""
+        return merge_states(gather_lists([self.state_dict()]))
+
     @property
     def bad(self) -> int:
         """Unreadable shards and scenes met so far."""
@@ -127,11 +141,6 @@ class StreamState(StreamTracker):
     @property
     def skipped(self) -> int:
         return sum(n for k, n in self.counts.items() if k.startswith('skipped/'))
-
-
-def global_state(state: StreamState) -> dict[str, Any]:
-    """Every rank's stream state joined (a collective under DDP: call it on every rank)."""
-    return merge_states(gather_lists([state.state_dict()]))
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -30,8 +30,7 @@ from srt.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
                             resume_training, save_checkpoint, training_checkpoint)
 from srt.data import to_model_inputs
 from srt.evaluate import evaluate
-from srt.loader import (EvalStream, StreamState, TrainStream, fixed_items, global_state, loader,
-                        shard_table)
+from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, shard_table
 from srt.loss import FiniteGuard, NonFiniteLoss, srt_loss
 from srt.metrics import get_lr, mse2psnr
 from srt.model import count_parameters
@@ -233,15 +232,12 @@ def open_streams(run: Run, state: TrainState) -> None:
     """The training and evaluation streams, the visualisation batches, and the step model."""
     tc, args, cuda = run.cfg.training, run.args, run.device.type == 'cuda'
     train_shards = shard_table(args.shards, 'train', args.shard_url)
-    run.stream_state = StreamState(tc.seed, run.world, tc.num_workers, run.micro, state.data_state,
-                                   rank=run.rank, shards_per_visit=tc.shards_per_visit,
-                                   buffer=tc.item_buffer)
     # --full-scale is for evaluation only: training always samples num_points rays per scene.
     train_data = dataclasses.replace(run.cfg.data, full_scale=False)
     stream = TrainStream(train_data, train_shards, run.micro, seed=tc.seed, rank=run.rank,
                          world_size=run.world, shards_per_visit=tc.shards_per_visit,
-                         item_buffer=tc.item_buffer, state=state.data_state,
-                         num_views=run.num_views)
+                         item_buffer=tc.item_buffer, state=state.data_state, num_views=run.num_views)
+    run.stream_state = StreamState.of(stream, tc.num_workers, state.data_state)
     run.batches_per_epoch = max(1, stream.batches_per_epoch(run.num_views) // tc.grad_accum)
     run.train_iter = iter(loader(stream, tc.num_workers, pin_memory=cuda))
     eval_shards = shard_table(args.shards, run.eval_split, args.shard_url)
@@ -290,7 +286,7 @@ def interval_work(run: Run, state: TrainState) -> None:
     validate = (args.evalnow and first) or _due(state, tc.validate_every)
     if save or backup or validate:
         state.guard.check(state.last_checkpoint)  # never keep or select the weights of a diverged step
-        run.data_state = global_state(run.stream_state)  # a collective: every rank is here
+        run.data_state = run.stream_state.global_state()  # a collective: every rank is here
     if save:
         write_checkpoint(run, state, run.path('model.pt'))
     if backup:
@@ -393,7 +389,7 @@ def finish(run: Run, state: TrainState) -> None:
     """The last checkpoint, the DDP debug record, and all ranks leave together."""
     if state.it > state.start_it:
         state.guard.check(state.last_checkpoint)
-        run.data_state = global_state(run.stream_state)
+        run.data_state = run.stream_state.global_state()
         write_checkpoint(run, state, run.path('model.pt'))
     if run.args.debug_ddp:
         distributed.write_ddp_debug(run.model, state.seen_keys, run.out_dir, run.rank)
