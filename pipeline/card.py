@@ -41,7 +41,10 @@ def write_card(directory: str) -> None:
         return
     first = next(iter(manifests.values()))
     dataset, source = first['dataset'], first['source']
-    title, url, licence = _SOURCES[dataset]
+    # Importers' datasets (free names) describe themselves in the source description.
+    title, url, licence = _SOURCES.get(dataset) or (
+        source.get('title', f'{dataset} in the {source.get("format")} format'), source.get('url', ''),
+        source.get('licence', 'See the terms of the source dataset; they apply to these shards.'))
     synthetic = os.path.isfile(os.path.join(source.get('path', ''), SYNTHETIC_MARKER))
     if synthetic:
         title = f'Synthetic CLEVR-like scenes in the {dataset} source format (srt-shards generator)'
@@ -55,7 +58,12 @@ def write_card(directory: str) -> None:
     first_split = next((s for s in splits if manifests[s]['shards']), splits[0])
     n = len(manifests[first_split]['shards'])
     example = f'{first_split}-{{000000..{max(n - 1, 0):06d}}}.tar'
-    views = ', '.join(m for m in first['members'] if not m.startswith('rgb_'))
+    if first['members'] is not None:
+        views = ', '.join(m for m in first['members'] if not m.startswith('rgb_'))
+    else:
+        views = 'per scene (scenes differ in view count: the manifest\'s `members` is null)'
+    ext = {'jpeg': 'jpg'}.get(first.get('image_format'), 'png')
+    kind = {'jpg': 'JPEG'}.get(ext, 'PNG')
     text = f'''---
 license: other
 pretty_name: {dataset} (srt-shards WebDataset shards)
@@ -75,7 +83,7 @@ Converted from `{source.get("path")}` ({source.get("format")}).
 |---|---|---|---|---|
 {rows}
 
-Each `<split>-NNNNNN.tar` holds one sample per scene: `rgb_VVV.png` per view (the source's PNG
+Each `<split>-NNNNNN.tar` holds one sample per scene: `rgb_VVV.{ext}` per view (the source's {kind}
 bytes unchanged), `cameras.npz` (`K` [V,3,3] in pixels with pixel centres at +0.5, `c2w` [V,4,4]
 world_from_cam with OpenCV axes, raw world units) and `meta.json`; other members: {views}.
 `<split>.manifest.json` lists every shard with its sha256; `<split>.index.lmdb` maps scene keys and

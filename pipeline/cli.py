@@ -15,8 +15,15 @@ from typing import Sequence
 
 # Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
 
-# `convert <format>`: the converter command lines and the datasets each converts.
-CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
+# `convert <format>`: the converter command lines and the datasets each converts. The importers of
+# other projects' formats (an empty tuple) convert a dataset of any name (--dataset, default: the
+# source directory's name) and need --src.
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
+              'pixelsplat': (), 'lvsm': ()}
+_FORMAT_HELP = {  # importers: format -> one line
+    'pixelsplat': "pixelSplat chunks (<src>/<split>/NNNNNN.torch: RE10K, ACID, DL3DV chunks)",
+    'lvsm': 'LVSM scenes (<src>/<split>/full_list.txt of scene JSONs)',
+}
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
                    'msn': 'data/msn'}
@@ -34,7 +41,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards conv
     p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
                                 'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
     p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
-                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)')
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)'
+                   + ''.join(f'; {k}: {v}' for k, v in _FORMAT_HELP.items()))
     p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
     args = p.parse_args(argv)
     return convert_format_main(args.format, args.options, prog=f'{prog} {args.format}')
@@ -50,13 +58,19 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
 
     datasets = CONVERTERS[fmt]
     p = argparse.ArgumentParser(
-        prog=prog, description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards '
-                               f'schema v{SCHEMA_VERSION}, see docs/SHARDS.md).')
+        prog=prog, description=f'Convert {" / ".join(datasets) or _FORMAT_HELP[fmt]} into '
+                               f'WebDataset shards (srt-shards schema v{SCHEMA_VERSION}, see '
+                               'docs/SHARDS.md).')
     if len(datasets) > 1:
         p.add_argument('--dataset', choices=datasets, default=datasets[0],
                        help=f'which dataset (default {datasets[0]})')
-    p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
-                   'layout)')
+    if not datasets:  # an importer: any dataset name
+        p.add_argument('--dataset', help="the dataset's name in sample keys and meta.json, e.g. "
+                       're10k, acid (default: the --src directory\'s name)')
+        p.add_argument('--src', required=True, help='source directory')
+    else:
+        p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
+                       'layout)')
     p.add_argument('--out', help='output directory (default: shards/<dataset>)')
     p.add_argument('--splits', nargs='+', help='splits to convert (default: all the source has)')
     p.add_argument('--scenes-per-shard', type=int,
@@ -78,10 +92,18 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     if any(d in ('clevr3d', 'obsurf_msn') for d in datasets):
         p.add_argument('--max-objects', default='6', help="drop scenes with more objects, as the "
                        "reference loader does (default 6; 'all' keeps every scene)")
+    if fmt == 'pixelsplat':
+        p.add_argument('--evaluation-index', metavar='FILE', help="pixelSplat's evaluation index "
+                       '(JSON {scene key: {"context": [...], "target": [...]} | null}), carried as '
+                       '<out>/<split>.evaluation_index.json keyed by sample keys (default: '
+                       'evaluation_index_<dataset>.json in --src or --src/assets, if there)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     args = p.parse_args(argv)
-    dataset = getattr(args, 'dataset', datasets[0])
+    dataset = getattr(args, 'dataset', None) or (datasets[0] if datasets else
+                                                 dataset_name_of(args.src))
     kwargs = {}
+    if getattr(args, 'evaluation_index', None):
+        kwargs['evaluation_index'] = args.evaluation_index
     if dataset in ('clevr3d', 'obsurf_msn'):
         kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
     try:
@@ -94,7 +116,8 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
             num_tasks=args.num_tasks if args.num_tasks is not None else env_tasks,
             task_index=args.task_index if args.task_index is not None else env_index,
             bake_rays=args.bake_rays, skip_bad=args.skip_bad, finalize_only=args.finalize,
-            source_kwargs=kwargs, progress=not args.no_progress)
+            source_kwargs=kwargs, progress=not args.no_progress,
+            source_format=None if datasets else fmt)
     except ValueError as e:  # settings: name the flag, as argparse does
         p.error(str(e))
     try:
@@ -116,6 +139,13 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
             print(f'{split}: task {cfg.task_index}/{cfg.num_tasks} wrote {s["shards_written"]} '
                   f'shards; the split is finalized when every task has finished')
     return 0
+
+
+def dataset_name_of(src: str) -> str:
+    """An importer's default dataset name: the source directory's name ('.../re10k/' -> 're10k')."""
+    from pipeline.schema import scene_key
+    name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+    return scene_key(name, '', '')[:-2].lower() or 'dataset'
 
 
 def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards inspect') -> int:
@@ -141,7 +171,9 @@ def inspect_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards insp
     for r in rows:
         print(f'{r["split"]:<8}{r["scenes"]:>10}{r["views_per_scene"]:>7}{r["shards"]:>8}'
               f'{r["bytes"] / 2**20:>10.1f}{r["skipped"]:>9}')
-    print('members per scene:', ' '.join(rows[0]['members']))
+    members = rows[0]['members']
+    print('members per scene:', ' '.join(members) if members is not None else
+          f'differ between scenes (view counts differ; images {rows[0]["image_format"]})')
     status = 0
     if args.verify:
         problems = verify.verify(args.dir)
@@ -172,11 +204,12 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo)')
+                        '64x64 with plain scenes (the CPU demo); re10k: pixelSplat chunks of '
+                        'RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips (PNG)')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
-                   help='number of scenes over all splits (80/10/10 train/val/test; MSN: '
-                        '90/10 train/test)')
+                   help='number of scenes over all splits (80/10/10 train/val/test; MSN, '
+                        're10k, lvsm: 90/10 train/test)')
     p.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
     p.add_argument('--workers', type=int, default=None,
                    help='rendering processes (default: all cores)')
@@ -199,6 +232,6 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     seconds = time.perf_counter() - start
     splits = ', '.join(f'{s} {len(v)}' for s, v in result.scenes.items())
     print(f'{args.format}: {args.scenes} scenes ({splits}) in {result.root} in {seconds:.1f} s '
-          f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour PNGs, mean '
+          f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour images, mean '
           f'{result.mean_png_bytes / 1024:.1f} KiB')
     return 0

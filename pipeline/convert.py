@@ -6,8 +6,13 @@ on which scene goes into which shard ``<split>-%06d.tar``. A shard is written un
 temporary name in ``<out>/.work/``, its record (scene count, bytes, sha256, per-sample offsets) is
 written next to it, then the tar is renamed into place: a ``.tar`` in ``<out>`` is always complete,
 and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
-the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log and the
-dataset card are written. Output bytes depend only on the source and the settings.
+the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log, the
+source's own split files (e.g. an evaluation index) and the dataset card are written. Output bytes
+depend only on the source and the settings.
+
+Member sets: sources of SRT's datasets declare one member set per split (every scene has it, a scene
+that differs is bad); the importers' sources (``fixed_members = False``) may hold scenes with other
+view counts, and the manifest's ``members`` is then null.
 
 Errors are exceptions (``ConvertError``, ``pipeline.schema.SourceError``, ``ValueError`` for
 settings); the command line (``pipeline/cli.py``) turns them into messages and exit codes.
@@ -26,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import tario
+from pipeline import splitstats, tario
 from pipeline.durable import OutputError, atomic_write, output_error
 from pipeline.schema import SCHEMA_VERSION, SourceError, encode_scene, json_bytes
 from pipeline.sources import open_source
@@ -43,7 +48,7 @@ class ConvertError(RuntimeError):
 
 @dataclasses.dataclass
 class ConvertConfig:
-    dataset: str  # 'nmr' | 'clevr3d' | 'obsurf_msn' | 'msn'
+    dataset: str  # 'nmr' | 'clevr3d' | 'obsurf_msn' | 'msn', or any name with source_format
     src: str  # source dataset directory
     out: str  # output directory of the shards
     splits: list[str] | None = None  # None: every split the source has
@@ -57,6 +62,7 @@ class ConvertConfig:
     finalize_only: bool = False  # only merge complete shards into manifest/index/card
     source_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. max_objects
     progress: bool = True  # show tqdm bars
+    source_format: str | None = None  # an importer's format ('pixelsplat', ...); None: by dataset
 
     def __post_init__(self):
         if not 0 <= self.task_index < self.num_tasks:
@@ -99,7 +105,8 @@ def _read_json(path: str):
 # ----------------------------------------------------------------------------- planning
 
 def _plan(cfg: ConvertConfig, source, split: str, refs: list) -> dict[str, Any]:
-    """Scenes per shard and the member set of the split, from the source alone (deterministic)."""
+    """Scenes per shard and the member set of the split (null for sources whose scenes may
+    differ), from the source alone (deterministic)."""
     spp, members, sample_bytes = cfg.scenes_per_shard, None, []
     for item in source.read(split, refs[:_ESTIMATE_SCENES], 0):
         if isinstance(item, SourceError):
@@ -122,19 +129,27 @@ def _plan(cfg: ConvertConfig, source, split: str, refs: list) -> dict[str, Any]:
         'num_source_scenes': len(refs),
         'scenes_per_shard': spp,
         'num_shards': (len(refs) + spp - 1) // spp,
-        'members': members or [],
+        'members': (members or []) if getattr(source, 'fixed_members', True) else None,
     }
+
+
+def _check_versions(out: str) -> None:
+    """Refuse an output directory holding any split (or plan) of another schema version."""
+    work = os.path.join(out, WORK_DIR)
+    paths = [os.path.join(out, f) for f in sorted(os.listdir(out)) if f.endswith('.manifest.json')]
+    if os.path.isdir(work):
+        paths += [os.path.join(work, f) for f in sorted(os.listdir(work)) if f.endswith('.plan.json')]
+    for path in paths:
+        version = _read_json(path).get('schema_version')
+        if version != SCHEMA_VERSION:
+            raise ConvertError(f'{path}: existing output has schema version {version}, this '
+                               f'converter writes {SCHEMA_VERSION}; convert into a new --out '
+                               'directory (or delete the old shards)')
 
 
 def _check_existing(cfg: ConvertConfig, split: str, plan: dict) -> None:
     """Refuse to mix with output of another schema version or other settings."""
-    manifest = os.path.join(cfg.out, f'{split}.manifest.json')
-    if os.path.exists(manifest):
-        version = _read_json(manifest).get('schema_version')
-        if version != SCHEMA_VERSION:
-            raise ConvertError(f'{manifest}: existing output has schema version {version}, this '
-                             f'converter writes {SCHEMA_VERSION}; convert into a new --out '
-                             'directory (or delete the old shards)')
+    _check_versions(cfg.out)
     path = os.path.join(cfg.out, WORK_DIR, f'{split}.plan.json')
     if os.path.exists(path):
         old = _read_json(path)
@@ -158,15 +173,21 @@ def _worker_init(counter) -> None:
 
 
 def _source_for(job: dict):
-    key = (job['dataset'], job['src'], json.dumps(job['source_kwargs'], sort_keys=True))
+    key = (job['dataset'], job['src'], job['source_format'],
+           json.dumps(job['source_kwargs'], sort_keys=True))
     if _worker_state.get('source_key') != key:
-        _worker_state['source'] = open_source(job['dataset'], job['src'], **job['source_kwargs'])
+        _worker_state['source'] = open_source(job['dataset'], job['src'], job['source_format'],
+                                              **job['source_kwargs'])
         _worker_state['source_key'] = key
     return _worker_state['source']
 
 
 def _bad_scene(split: str, ref, index: int, err: Exception) -> dict[str, Any]:
-    return {'split': split, 'reference_index': index, 'source_ref': ref, 'error': str(err)}
+    record = {'split': split, 'reference_index': index, 'source_ref': ref, 'error': str(err)}
+    for name in ('scene_id', 'source_file'):  # where the reader named them (SourceError)
+        if getattr(err, name, None) is not None:
+            record[name] = getattr(err, name)
+    return record
 
 
 def write_shard(job: dict) -> dict[str, Any]:
@@ -194,6 +215,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
     tmp = os.path.join(work, f'{name}.partial')
     counter = _worker_state.get('counter')
     sha, offset, samples, skipped = hashlib.sha256(), 0, [], []
+    stats = splitstats.new_stats()
     with open(tmp, 'wb') as f:
         for i, item in enumerate(source.read(split, refs, start)):
             try:
@@ -201,7 +223,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
                     raise item
                 key, members = encode_scene(item, job['bake_rays'])
                 got = [n[len(key) + 1:] for n, _ in members]
-                if got != job['members']:
+                if job['members'] is not None and got != job['members']:
                     raise SourceError(f'{item.origin}: scene {item.scene_id} has members {got}, '
                                       f'but the split\'s scenes have {job["members"]}')
             except SourceError as e:
@@ -209,6 +231,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
                     raise
                 skipped.append(_bad_scene(split, refs[i], start + i, e))
                 continue
+            splitstats.add_scene(stats, got, json.loads(members[0][1]))  # meta.json comes first
             buf = tario.encode_members(members)
             f.write(buf)
             sha.update(buf)
@@ -223,7 +246,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
         os.fsync(f.fileno())
     record = {'name': name, 'scenes': len(samples), 'bytes': offset + len(tario.END_OF_ARCHIVE),
               'sha256': sha.hexdigest(), 'samples': samples, 'skipped': skipped,
-              'plan': job['plan_digest']}
+              'stats': stats, 'plan': job['plan_digest']}
     _atomic_write(os.path.join(work, f'{name}.json'), json_bytes(record))
     os.replace(tmp, os.path.join(job['out'], name))
     return record
@@ -277,6 +300,9 @@ def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, A
                          f'{plan["num_shards"]} shards missing ({", ".join(missing[:5])}'
                          f'{", ..." if len(missing) > 5 else ""}); run the remaining tasks first')
     skipped = [s for r in records for s in r['skipped']]
+    merged = splitstats.new_stats()
+    for r in records:
+        splitstats.merge(merged, r['stats'])
     manifest = {
         'schema_version': SCHEMA_VERSION,
         'dataset': cfg.dataset,
@@ -284,7 +310,7 @@ def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, A
         'source': plan['source'],
         'scenes_per_shard': plan['scenes_per_shard'],
         'bake_rays': plan['bake_rays'],
-        'members': plan['members'],
+        **splitstats.manifest_fields(merged, plan['members']),
         'num_scenes': sum(r['scenes'] for r in records),
         'num_skipped': len(skipped),
         'num_source_scenes': plan['num_source_scenes'],
@@ -299,6 +325,10 @@ def _finalize(cfg: ConvertConfig, split: str, plan: dict, source) -> dict[str, A
         _atomic_write(skipped_path, b''.join(json_bytes(s) + b'\n' for s in skipped))
     elif os.path.exists(skipped_path):
         os.remove(skipped_path)
+    if hasattr(source, 'split_files'):  # e.g. <split>.evaluation_index.json, keyed by sample keys
+        keys = [s[0] for r in records for s in r['samples']]
+        for name, data in source.split_files(split, keys).items():
+            _atomic_write(os.path.join(cfg.out, name), data)
     shard_index.build(cfg.out, split, records)
     _atomic_write(os.path.join(cfg.out, f'{split}.manifest.json'),
                   json.dumps(manifest, indent=1, sort_keys=True).encode() + b'\n')
@@ -317,7 +347,8 @@ def convert(cfg: ConvertConfig) -> dict[str, dict]:
         os.makedirs(os.path.join(cfg.out, WORK_DIR), exist_ok=True)
     except OSError as e:
         raise output_error(e, cfg.out, 'the output directory') or e
-    source = open_source(cfg.dataset, cfg.src, **cfg.source_kwargs)
+    _check_versions(cfg.out)
+    source = open_source(cfg.dataset, cfg.src, cfg.source_format, **cfg.source_kwargs)
     splits = cfg.splits or source.splits()
     unknown = [s for s in splits if s not in source.splits()]
     if unknown:
@@ -335,7 +366,8 @@ def convert(cfg: ConvertConfig) -> dict[str, dict]:
         for i in ([] if cfg.finalize_only else mine):
             if _shard_record(cfg.out, shard_name(split, i), digest) is not None:
                 continue
-            jobs.append({'dataset': cfg.dataset, 'src': cfg.src, 'source_kwargs': cfg.source_kwargs,
+            jobs.append({'dataset': cfg.dataset, 'src': cfg.src, 'source_format': cfg.source_format,
+                         'source_kwargs': cfg.source_kwargs,
                          'out': cfg.out, 'split': split, 'index': i, 'start': i * spp,
                          'refs': refs[i * spp:(i + 1) * spp], 'bake_rays': cfg.bake_rays,
                          'skip_bad': cfg.skip_bad, 'members': plan['members'],

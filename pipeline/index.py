@@ -17,7 +17,7 @@ import lmdb
 
 from pipeline import tario
 from pipeline.reader import Scene, ShardError
-from pipeline.schema import SCHEMA_VERSION, json_bytes
+from pipeline.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, json_bytes
 
 _INFO = b'__info__'
 
@@ -68,9 +68,9 @@ class SceneIndex:
         self.env = lmdb.open(path, subdir=False, readonly=True, lock=False)
         with self.env.begin() as txn:
             self.info = json.loads(txn.get(_INFO))
-        if self.info.get('schema_version') != SCHEMA_VERSION:
+        if self.info.get('schema_version') not in READABLE_SCHEMA_VERSIONS:
             raise ShardError(f'{path}: schema version {self.info.get("schema_version")} is not '
-                             f'{SCHEMA_VERSION}')
+                             f'one of {READABLE_SCHEMA_VERSIONS}')
         self._manifest_sha: dict[str, str] | None = None  # shard name -> sha256, read on first use
 
     def __len__(self) -> int:

@@ -22,8 +22,9 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 
 from pipeline import cameras, tario
-from pipeline.decode import decode_png
-from pipeline.schema import CAMERAS, META, SCHEMA_VERSION, extra_member, rgb_member
+from pipeline.decode import decode_image
+from pipeline.schema import (CAMERAS, IMAGE_EXTS, META, READABLE_SCHEMA_VERSIONS, extra_member,
+                             rgb_member)
 
 
 class ShardError(ValueError):
@@ -43,9 +44,9 @@ def read_manifest(directory: str, split: str) -> dict[str, Any]:
                                 ' convert the dataset first, see tools/convert_*.py)')
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get('schema_version') != SCHEMA_VERSION:
-        raise ShardError(f'{path}: schema version {manifest.get("schema_version")} is not the '
-                         f'supported version {SCHEMA_VERSION}; reconvert with this version')
+    if manifest.get('schema_version') not in READABLE_SCHEMA_VERSIONS:
+        raise ShardError(f'{path}: schema version {manifest.get("schema_version")} is not a '
+                         f'supported version {READABLE_SCHEMA_VERSIONS}; reconvert with this version')
     return manifest
 
 
@@ -72,9 +73,10 @@ def shard_urls(directory: str, split: str, url_template: str | None = None) -> l
 def render_range(directory: str, split: str = 'train', url_template: str | None = None
                  ) -> tuple[float, float]:
     """(near, far) render range of a converted split, in world units: the manifest's ``near`` /
-    ``far`` when it has them, else those of the split's first scene (its ``meta.json``)."""
+    ``far`` when it has them, else those of the split's first scene (its ``meta.json``).
+    ShardError when the source states none (the importers' formats: pass the range yourself)."""
     manifest = read_manifest(directory, split)
-    if 'near' in manifest and 'far' in manifest:
+    if manifest.get('near') is not None and manifest.get('far') is not None:
         return float(manifest['near']), float(manifest['far'])
     for url in shard_urls(directory, split, url_template):
         samples = iter_shard(url)
@@ -84,8 +86,9 @@ def render_range(directory: str, split: str = 'train', url_template: str | None 
             samples.close()
         if sample is not None:
             meta = Scene(sample).meta
-            if 'near' not in meta or 'far' not in meta:
-                raise ShardError(f'{url}: sample {sample["__key__"]}: {META} has no near/far')
+            if meta.get('near') is None or meta.get('far') is None:
+                raise ShardError(f'{url}: sample {sample["__key__"]}: {META} states no near/far '
+                                 f'render range (its source has none: dataset {meta.get("dataset")})')
             return float(meta['near']), float(meta['far'])
     raise ShardError(f'{directory}: split {split!r} has no scenes to read near/far from')
 
@@ -197,12 +200,14 @@ def _plainly_valid(K: np.ndarray, c2w: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------- one scene
 
 class Scene:
-    """One shard sample: metadata and cameras parsed and checked at once, each view's pixels decoded
-    on first use and kept (all the items of a scene share them).
+    """One shard sample (schema 1 or 2): metadata and cameras parsed and checked at once, each
+    view's pixels decoded on first use and kept (all the items of a scene share them).
 
-    ``key``, ``url``, ``meta`` (the ``meta.json`` dict), ``num_views``, ``height``, ``width``;
-    ``K`` [V, 3, 3] float64 intrinsics in pixels (pixel centres at +0.5) and ``c2w`` [V, 4, 4]
-    float64 world_from_cam with OpenCV axes (both read-only).
+    ``key``, ``url``, ``meta`` (the ``meta.json`` dict), ``num_views``, ``image_format`` ('png' |
+    'jpeg'), ``image_size(view)`` -> (h, w), ``timestamps`` (list or None); ``height``/``width``
+    when the views share one size (else they raise ShardError: use ``image_size``); ``K`` [V, 3, 3]
+    float64 intrinsics in pixels (pixel centres at +0.5) and ``c2w`` [V, 4, 4] float64
+    world_from_cam with OpenCV axes (both read-only).
     """
 
     def __init__(self, sample: dict[str, Any]):
@@ -214,22 +219,56 @@ class Scene:
             raise ShardError(f'{self.where}: no {META} member')
         try:
             meta = json.loads(sample[META])
-            num_views, height, width = (int(meta[k]) for k in ('num_views', 'height', 'width'))
+            num_views = int(meta['num_views'])
+            sizes = meta.get('image_sizes') or [[meta['height'], meta['width']]] * num_views
+            sizes = [(int(h), int(w)) for h, w in sizes]
+            fmt = meta.get('image_format', 'png')  # schema 1: PNG
+            ext = IMAGE_EXTS[fmt]
         except Exception as e:  # bad JSON, a missing field
             raise ShardError(f'{self.where}: unreadable {META} ({type(e).__name__}: {e})') from None
+        if len(sizes) != num_views:
+            raise ShardError(f'{self.where}: {META} has {len(sizes)} image_sizes for {num_views} '
+                             'views')
         if CAMERAS not in sample:
             raise ShardError(f'{self.where}: no {CAMERAS} member')
         self.K, self.c2w = load_cameras(sample[CAMERAS], self.where, num_views)
         self.meta: dict[str, Any] = meta
-        self.num_views, self.height, self.width = num_views, height, width
-        # Decoded views live in one [V, h, w, c] array, so that sampled pixels of many views are one
-        # gather (a loop over views cost 10x more than the decoding, for NMR).
-        self._pixels: np.ndarray | None = None
+        self.num_views, self.image_format, self._ext = num_views, fmt, ext
+        self._sizes = sizes
+        self._uniform = len(set(sizes)) == 1
+        # Decoded views of one size live in one [V, h, w, c] array, so that sampled pixels of many
+        # views are one gather (a loop over views cost 10x more than the decoding, for NMR); views
+        # of differing sizes are kept per view.
+        self._pixels: np.ndarray | dict[int, np.ndarray] | None = None
         self._decoded = [False] * num_views
         self._extras: dict[tuple[str, int], np.ndarray] = {}
 
     def __repr__(self) -> str:
-        return f'Scene({self.key!r}, {self.num_views} views of {self.height}x{self.width})'
+        size = f'{self._sizes[0][0]}x{self._sizes[0][1]}' if self._uniform else 'several sizes'
+        return f'Scene({self.key!r}, {self.num_views} views of {size})'
+
+    @property
+    def height(self) -> int:
+        return self._shared_size()[0]
+
+    @property
+    def width(self) -> int:
+        return self._shared_size()[1]
+
+    def _shared_size(self) -> tuple[int, int]:
+        if not self._uniform:
+            raise ShardError(f'{self.where}: its views differ in size '
+                             f'({sorted(set(self._sizes))}); use image_size(view)')
+        return self._sizes[0]
+
+    def image_size(self, view: int) -> tuple[int, int]:
+        """(height, width) of ``view`` in pixels."""
+        return self._sizes[view]
+
+    @property
+    def timestamps(self) -> list[int] | None:
+        """The source's per-view timestamps (e.g. RE10K microseconds), or None."""
+        return self.meta.get('timestamps')
 
     def image(self, view: int) -> np.ndarray:
         """[h, w, 3] uint8 RGB of ``view`` (alpha dropped, as the reference loaders do; a view into
@@ -238,42 +277,59 @@ class Scene:
             raise IndexError(f'{self.where}: no view {view} (it has {self.num_views})')
         if not self._decoded[view]:
             self._decode(view)
-        return self._pixels[view, ..., :3]
+        return self._pixels[view][..., :3]
 
     def images(self, views: Sequence[int] | None = None) -> np.ndarray:
-        """[n, h, w, 3] uint8 RGB of ``views`` (every view by default), a new array."""
-        views = range(self.num_views) if views is None else views
-        out = [self.image(int(v)) for v in views]
-        return np.stack(out) if out else np.empty((0, self.height, self.width, 3), np.uint8)
+        """[n, h, w, 3] uint8 RGB of ``views`` (every view by default), a new array; ShardError if
+        they differ in size."""
+        views = [int(v) for v in (range(self.num_views) if views is None else views)]
+        self._same_size(views)
+        out = [self.image(v) for v in views]
+        return np.stack(out) if out else np.empty((0, *self._sizes[0], 3), np.uint8)
+
+    def _same_size(self, views: Sequence[int]) -> tuple[int, int]:
+        sizes = {self._sizes[v] for v in views}
+        if len(sizes) > 1:
+            raise ShardError(f'{self.where}: views {list(views)} differ in size ({sorted(sizes)})')
+        return sizes.pop() if sizes else self._sizes[0]
 
     def gather(self, views: Sequence[int], flat: np.ndarray) -> np.ndarray:
         """Pixels [p, 3] uint8 at ``flat`` indices into the concatenated row-major pixels of
-        ``views`` (index = position in ``views`` * h * w + row * w + column)."""
+        ``views`` (index = position in ``views`` * h * w + row * w + column); the views must
+        share one size."""
+        h, w = self._same_size(views)
         for v in views:
             self.image(v)
-        hw = self.height * self.width
-        view_of, rem = np.divmod(flat, hw)
-        index = np.asarray(views, np.int64)[view_of] * hw + rem
-        c = self._pixels.shape[-1]
-        return np.ascontiguousarray(np.take(self._pixels.reshape(-1, c), index, axis=0)[:, :3])
+        view_of, rem = np.divmod(flat, h * w)
+        if self._uniform:
+            pixels = self._pixels
+            index = np.asarray(views, np.int64)[view_of] * (h * w) + rem
+        else:
+            pixels = np.stack([self._pixels[int(v)] for v in views])
+            index = view_of * (h * w) + rem
+        c = pixels.shape[-1]
+        return np.ascontiguousarray(np.take(pixels.reshape(-1, c), index, axis=0)[:, :3])
 
     def extra(self, kind: str, view: int) -> np.ndarray:
-        """The ``kind`` extra of ``view`` (e.g. 'category'): a PNG's own channels [h, w, c] or the
-        stored npy array [h, w, ...]."""
+        """The ``kind`` extra of ``view`` (e.g. 'category'): an image's own channels [h, w, c] or
+        the stored npy array [h, w, ...]."""
         if (kind, view) not in self._extras:
-            png = self.sample.get(extra_member(kind, view, 'png'))
-            npy = self.sample.get(extra_member(kind, view, 'npy'))
-            if png is None and npy is None:
+            data = None
+            for ext in ('png', 'jpg', 'npy'):
+                data = self.sample.get(extra_member(kind, view, ext))
+                if data is not None:
+                    break
+            if data is None:
                 raise ShardError(f'{self.where} view {view}: no {kind} member')
             try:
-                arr = decode_png(png) if png is not None else \
-                    np.load(io.BytesIO(npy), allow_pickle=False)
+                arr = np.load(io.BytesIO(data), allow_pickle=False) if ext == 'npy' else \
+                    decode_image(data)
             except Exception as e:
                 raise ShardError(f'{self.where} view {view}: undecodable {kind} '
                                  f'({type(e).__name__}: {e})') from None
-            if arr.shape[:2] != (self.height, self.width):
+            if arr.shape[:2] != self._sizes[view]:
                 raise ShardError(f'{self.where} view {view}: {kind} size {list(arr.shape[:2])} '
-                                 f'!= image size {[self.height, self.width]}')
+                                 f'!= image size {list(self._sizes[view])}')
             self._extras[kind, view] = arr
         return self._extras[kind, view]
 
@@ -286,34 +342,38 @@ class Scene:
         return self
 
     def _decode(self, view: int) -> None:
-        name = rgb_member(view)
+        name = rgb_member(view, self._ext)
         data = self.sample.get(name)
         if data is None:
             raise ShardError(f'{self.where} view {view}: no {name} member')
         try:
             # RGBA stays RGBA here: dropping alpha is a strided copy as slow as half a decode.
-            img = decode_png(data)
+            img = decode_image(data)
             if img.dtype != np.uint8 or img.shape[-1] not in (3, 4):
-                img = decode_png(data, 3)
+                img = decode_image(data, 3)
         except Exception as e:
-            raise ShardError(f'{self.where} view {view}: undecodable PNG {name} '
+            raise ShardError(f'{self.where} view {view}: undecodable {self.image_format.upper()} {name} '
                              f'({type(e).__name__}: {e})') from None
         if img.dtype != np.uint8:
             raise ShardError(f'{self.where} view {view}: {img.dtype} pixels in {name} (8-bit '
                              'RGB or RGBA expected)')
-        if img.shape[:2] != (self.height, self.width):
+        if img.shape[:2] != self._sizes[view]:
             raise ShardError(f'{self.where} view {view}: image size {list(img.shape[:2])} != '
-                             f'{META} size {[self.height, self.width]}')
+                             f'{META} size {list(self._sizes[view])}')
         self._store(view, img)
 
     def _store(self, view: int, img: np.ndarray) -> None:
-        if self._pixels is None:
-            self._pixels = np.empty((self.num_views, self.height, self.width, img.shape[-1]),
-                                    np.uint8)
-        if img.shape[-1] == self._pixels.shape[-1]:
+        if not self._uniform:
+            if self._pixels is None:
+                self._pixels = {}
             self._pixels[view] = img
-        else:  # RGB and RGBA views in one scene: only RGB is ever read
-            self._pixels[view, ..., :3] = img[..., :3]
+        else:
+            if self._pixels is None:
+                self._pixels = np.empty((self.num_views, *self._sizes[0], img.shape[-1]), np.uint8)
+            if img.shape[-1] == self._pixels.shape[-1]:
+                self._pixels[view] = img
+            else:  # RGB and RGBA views in one scene: only RGB is ever read
+                self._pixels[view, ..., :3] = img[..., :3]
         self._decoded[view] = True
 
     def __getstate__(self) -> dict[str, Any]:

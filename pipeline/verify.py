@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline import tario
 from pipeline.reader import Scene, ShardError, iter_shard, read_manifest
-from pipeline.schema import rgb_view
+from pipeline.schema import CAMERAS, IMAGE_EXTS, META, RAYS, extra_member, rgb_member, rgb_view
 
 
 def splits_in(directory: str) -> list[str]:
@@ -27,11 +27,16 @@ def summarize(directory: str) -> list[dict[str, Any]]:
     rows = []
     for split in splits_in(directory):
         m = read_manifest(directory, split)
-        views = sum(1 for n in m['members'] if rgb_view(n) is not None)
+        if m.get('min_views') is not None:  # schema 2
+            lo, hi = m['min_views'], m['max_views']
+            views = str(lo) if lo == hi else f'{lo}-{hi}'
+        else:
+            views = str(sum(1 for n in m['members'] or () if rgb_view(n) is not None))
         rows.append({'split': split, 'scenes': m['num_scenes'], 'views_per_scene': views,
                      'shards': len(m['shards']), 'bytes': m['bytes'],
                      'schema_version': m['schema_version'], 'dataset': m['dataset'],
-                     'skipped': m['num_skipped'], 'members': m['members']})
+                     'skipped': m['num_skipped'], 'members': m['members'],
+                     'image_format': m.get('image_format', 'png')})
     return rows
 
 
@@ -82,17 +87,28 @@ def _check_sample(sample: dict, manifest: dict, seen: set) -> list[str]:
         out.append(f'{where}: duplicate key')
     seen.add(sample['__key__'])
     members = [k for k in sample if not k.startswith('__')]
-    if sorted(members) != sorted(manifest['members']):
+    if manifest['members'] is not None and sorted(members) != sorted(manifest['members']):
         out.append(f'{where}: members {sorted(members)} != manifest {sorted(manifest["members"])}')
         return out
-    try:  # the reader checks the cameras, every PNG against the image size, every extra
+    try:  # the reader checks the cameras, every image against its size, every extra
         scene = Scene(sample)
         scene.decode(None, scene.meta.get('extras', []))
     except ShardError as e:
         return out + [str(e)]
+    if manifest['members'] is None:  # scenes differ: the scene's own members, from its meta.json
+        unexpected = set(members) - _allowed_members(scene)
+        if unexpected:
+            out.append(f'{where}: unexpected members {sorted(unexpected)}')
     if scene.meta.get('schema_version') != manifest['schema_version']:
         out.append(f'{where}: meta schema_version {scene.meta.get("schema_version")}')
     return out
+
+
+def _allowed_members(scene: Scene) -> set[str]:
+    views = range(scene.num_views)
+    allowed = {META, CAMERAS, RAYS} | {rgb_member(v, IMAGE_EXTS[scene.image_format]) for v in views}
+    return allowed | {extra_member(kind, v, ext) for kind in scene.meta.get('extras', [])
+                      for v in views for ext in ('png', 'jpg', 'npy')}
 
 
 def contact_sheet(directory: str, out_path: str, num_scenes: int = 8, split: str | None = None,
@@ -105,9 +121,12 @@ def contact_sheet(directory: str, out_path: str, num_scenes: int = 8, split: str
     for shard in m['shards']:
         for sample in iter_shard(os.path.join(directory, shard['name'])):
             scene = Scene(sample)
-            size = (max(1, round(scene.width * thumb / scene.height)), thumb)
-            rows.append(np.concatenate([np.asarray(Image.fromarray(im).resize(size))
-                                        for im in scene.images()], axis=1))
+            thumbs = []
+            for v in range(scene.num_views):
+                h, w = scene.image_size(v)
+                size = (max(1, round(w * thumb / h)), thumb)
+                thumbs.append(np.asarray(Image.fromarray(scene.image(v)).resize(size)))
+            rows.append(np.concatenate(thumbs, axis=1))
             if len(rows) >= num_scenes:
                 break
         if len(rows) >= num_scenes:

@@ -9,6 +9,10 @@ from typing import Any, Iterator, Protocol, Sequence
 from pipeline.schema import SourceError, SourceScene, png_info
 
 DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn')
+# Importers of other projects' formats: format -> (module, class). Their dataset name is free text
+# (``--dataset``, e.g. 're10k'); their scenes may differ in view count (``fixed_members = False``).
+SOURCE_FORMATS = {'pixelsplat': ('pipeline.sources.pixelsplat', 'PixelSplatSource'),
+                  'lvsm': ('pipeline.sources.lvsm', 'LVSMSource')}
 
 
 class Source(Protocol):
@@ -27,6 +31,10 @@ class Source(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the source for manifests and the dataset card."""
+
+    # Optional: ``fixed_members`` (default True: every scene of a split has the same members) and
+    # ``split_files(split, keys) -> {file name: bytes}`` (files written next to the manifest, e.g.
+    # an evaluation index keyed by the converted scenes' sample keys).
 
 
 def read_each(read_scene, split: str, refs: Sequence[Any], start_index: int
@@ -51,7 +59,19 @@ def read_view_png(path: str, view: int, scene) -> tuple[bytes, int, int]:
     return data, width, height
 
 
-def open_source(dataset: str, root: str, **kwargs) -> Source:
+def open_source(dataset: str, root: str, source_format: str | None = None, **kwargs) -> Source:
+    """The reader of ``root``: by ``source_format`` (one of SOURCE_FORMATS; ``dataset`` is then the
+    name used in keys), else by ``dataset`` (one of DATASET_NAMES)."""
+    if source_format is not None:
+        if source_format not in SOURCE_FORMATS:
+            raise ValueError(f'unknown source format {source_format!r}; expected one of '
+                             f'{tuple(SOURCE_FORMATS)}')
+        if dataset in DATASET_NAMES:  # their names carry SRT's reference settings
+            raise ValueError(f'--dataset {dataset!r} is one of SRT\'s datasets; name the '
+                             f'{source_format} dataset otherwise (e.g. re10k)')
+        import importlib
+        module, name = SOURCE_FORMATS[source_format]
+        return getattr(importlib.import_module(module), name)(root, dataset, **kwargs)
     if dataset == 'nmr':
         from pipeline.sources.nmr import NMRSource
         return NMRSource(root)

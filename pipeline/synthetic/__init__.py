@@ -11,6 +11,8 @@ readers open them unchanged. Nothing on the data path imports this package. Modu
 - ``raycast``: intersection, shading and rendering of views
 - ``common``: the per-format table, the renders of a format's scene, the worker pool, split sizes
 - ``nmr``, ``obsurf``, ``msn``: one writer per format; ``write_synthetic`` dispatches to them
+- ``re10k`` (pixelSplat chunks of RE10K / ACID-like clips, JPEG frames) and ``lvsm`` (LVSM scenes):
+  the importers' formats, hand-held video clips (``rigs.video_cameras``)
 
 Each writer drops ``SYNTHETIC_MARKER`` (a JSON summary) into its output directory; the converter's
 dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
@@ -26,15 +28,17 @@ from __future__ import annotations
 from pipeline.schema import SYNTHETIC_MARKER
 from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_VIEWS, NMR_CLASSES, NMR_SIZE,
                                        NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
-                                       OBSURF_WIDTH, WriteResult, check_format,
+                                       OBSURF_WIDTH, VIDEO_FORMATS, WriteResult, check_format,
                                        default_split_sizes, png_bytes, render_scene, save_npz,
-                                       scene_cameras)
+                                       scene_cameras, video_size)
+from pipeline.synthetic.lvsm import write_lvsm
 from pipeline.synthetic.msn import msn_features, write_msn
 from pipeline.synthetic.nmr import write_nmr
 from pipeline.synthetic.obsurf import write_obsurf
+from pipeline.synthetic.re10k import evaluation_entry, jpeg_bytes, video_key, write_re10k
 from pipeline.synthetic.raycast import render, render_rays, render_views, trace
 from pipeline.synthetic.rigs import (NMR_FOCAL, msn_cameras, msn_intrinsics, nmr_cameras,
-                                     nmr_intrinsics, obsurf_camera_positions)
+                                     nmr_intrinsics, obsurf_camera_positions, video_cameras)
 from pipeline.synthetic.scene import (CATEGORY_NAMES, KINDS, SPLITS, STREAM_CAMERAS,
                                       STREAM_NOISE, STREAM_SCENE, STYLES, Scene, SceneStyle,
                                       sample_scene, scene_rng)
@@ -43,19 +47,25 @@ __all__ = [
     'CATEGORY_NAMES', 'FORMATS', 'KINDS', 'MSN_SIZE', 'MSN_VIEWS', 'NMR_CLASSES', 'NMR_FOCAL',
     'NMR_SIZE', 'NMR_VIEWS', 'OBSURF', 'OBSURF_HEIGHT', 'OBSURF_VIEWS', 'OBSURF_WIDTH', 'SPLITS',
     'STREAM_CAMERAS', 'STREAM_NOISE', 'STREAM_SCENE', 'STYLES', 'SYNTHETIC_MARKER', 'Scene',
-    'SceneStyle', 'WriteResult', 'default_split_sizes', 'msn_cameras', 'msn_features',
-    'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
-    'render', 'render_rays', 'render_scene', 'render_views', 'sample_scene', 'save_npz',
-    'scene_cameras', 'scene_rng', 'trace', 'write_msn', 'write_nmr', 'write_obsurf',
+    'SceneStyle', 'VIDEO_FORMATS', 'WriteResult', 'default_split_sizes', 'evaluation_entry',
+    'jpeg_bytes', 'msn_cameras', 'msn_features', 'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics',
+    'obsurf_camera_positions', 'png_bytes', 'render', 'render_rays', 'render_scene', 'render_views',
+    'sample_scene', 'save_npz', 'scene_cameras', 'scene_rng', 'trace', 'video_cameras', 'video_key',
+    'video_size', 'write_lvsm', 'write_msn', 'write_nmr', 'write_obsurf', 'write_re10k',
     'write_synthetic',
 ]
 
 
 def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs) -> WriteResult:
     """Write ``num_scenes`` scenes in format ``fmt`` (one of FORMATS: 'msn', 'nmr', 'obsurf' =
-    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo'); kwargs go to the writer (split_sizes,
-    workers, progress, scenes_per_file for MSN)."""
+    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo', 're10k' = pixelSplat chunks, 'lvsm' = LVSM
+    scenes); kwargs go to the writer (split_sizes, workers, progress, scenes_per_file for MSN,
+    scenes_per_chunk and views for the video formats)."""
     check_format(fmt)
+    if fmt == 're10k':
+        return write_re10k(out_dir, num_scenes, seed, **kwargs)
+    if fmt == 'lvsm':
+        return write_lvsm(out_dir, num_scenes, seed, **kwargs)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
     if fmt in ('msn', 'msn-demo'):

@@ -27,10 +27,11 @@ from PIL import Image
 from pipeline import cameras as C
 from pipeline.schema import SYNTHETIC_MARKER
 from pipeline.synthetic.raycast import render_views
-from pipeline.synthetic.rigs import msn_cameras, nmr_cameras, obsurf_camera_positions
+from pipeline.synthetic.rigs import (msn_cameras, nmr_cameras, obsurf_camera_positions,
+                                     video_cameras)
 from pipeline.synthetic.scene import SPLITS, STREAM_CAMERAS, sample_scene, scene_rng
 
-FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo')
+FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 're10k', 'lvsm')
 
 NMR_VIEWS, NMR_SIZE = 24, 64
 # NMR class of a scene: the kind of its main object. Ids keep DVR's 8-digit style and stay strings
@@ -45,9 +46,13 @@ OBSURF = {  # variant: (scene style, object slots, split index ranges of the ref
 MSN_VIEWS, MSN_SIZE = 10, 128
 MSN_NAME, MSN_VERSION = 'multi_shapenet_frames', '2.3.3'
 MSN_SCENE_OFFSET = {'train': 0, 'val': 400000, 'test': 500000}
+# Video formats (pixelSplat chunks 're10k', LVSM scenes 'lvsm'): hand-held clips of 8-14 frames at
+# 72x128, scene 1 of each split at 60x80 (the importers keep scenes of any size).
+VIDEO_FORMATS = ('re10k', 'lvsm')
+VIDEO_SIZE, VIDEO_ODD_SIZE, VIDEO_VIEWS = (72, 128), (60, 80), (8, 14)
 
 _STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn',
-          'msn-demo': 'demo'}
+          'msn-demo': 'demo', 're10k': 'msn', 'lvsm': 'msn'}
 # 'msn-demo': the MSN layout at a CPU-friendly size with the plain 'demo' scene style.
 MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 64}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
@@ -78,28 +83,63 @@ class WriteResult:
 # ----------------------------------------------------------------------------- rendering
 
 def default_split_sizes(fmt: str, num_scenes: int) -> dict[str, int]:
-    """80/10/10 train/val/test (val and test get ceil(N / 10) each once N >= 3); MSN: train/test
-    90/10 (test gets ceil(N / 10) once N >= 2)."""
+    """80/10/10 train/val/test (val and test get ceil(N / 10) each once N >= 3); MSN and the video
+    formats: train/test 90/10 (test gets ceil(N / 10) once N >= 2)."""
     check_format(fmt)
     if num_scenes < 0:
         raise ValueError(f'num_scenes must be >= 0, got {num_scenes}')
-    if fmt in ('msn', 'msn-demo'):
+    if fmt in ('msn', 'msn-demo') + VIDEO_FORMATS:
         m = math.ceil(num_scenes / 10) if num_scenes >= 2 else 0
         return {'train': num_scenes - m, 'test': m}
     m = math.ceil(num_scenes / 10) if num_scenes >= 3 else 0
     return {'train': num_scenes - 2 * m, 'val': m, 'test': m}
 
 
-def scene_cameras(fmt: str, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
+def video_size(index: int) -> tuple[int, int]:
+    """(height, width) of scene ``index`` of a video format."""
+    return VIDEO_ODD_SIZE if index == 1 else VIDEO_SIZE
+
+
+def _video_cameras(fmt: str, rng, index: int, views: tuple[int, int] | None) -> dict:
+    """Cameras as the video formats store them, and the float64 cameras those values define."""
+    lo, hi = views or VIDEO_VIEWS
+    n = int(rng.integers(lo, hi + 1))
+    h, w = video_size(index)
+    K, poses = video_cameras(rng, n, h, w)
+    cam_from_world = np.linalg.inv(poses)
+    if fmt == 'lvsm':  # JSON floats: pixels and the 4x4 w2c, exactly
+        fxfycxcy = K[:, [0, 1, 0, 1], [0, 1, 2, 2]]
+        return {'K': K, 'world_from_cam': np.linalg.inv(cam_from_world), 'fxfycxcy': fxfycxcy,
+                'w2c': cam_from_world, 'size': (h, w)}
+    # pixelSplat rows: float32 [fx/W, fy/H, cx/W, cy/H, 0, 0, w2c 3x4]; rendered from those values
+    rows = np.zeros((n, 18), np.float32)
+    rows[:, :4] = K[:, [0, 1, 0, 1], [0, 1, 2, 2]] / np.array([w, h, w, h])
+    rows[:, 6:] = cam_from_world[:, :3].reshape(n, 12)
+    r = rows.astype(np.float64)
+    K32 = np.zeros((n, 3, 3))
+    K32[:, 0, 0], K32[:, 1, 1], K32[:, 0, 2], K32[:, 1, 2] = r[:, 0] * w, r[:, 1] * h, r[:, 2] * w, \
+        r[:, 3] * h
+    K32[:, 2, 2] = 1.0
+    w2c = np.broadcast_to(np.eye(4), (n, 4, 4)).copy()
+    w2c[:, :3] = r[:, 6:].reshape(n, 3, 4)
+    return {'K': K32, 'world_from_cam': np.linalg.inv(w2c), 'rows': rows, 'size': (h, w)}
+
+
+def scene_cameras(fmt: str, seed: int, split: str, index: int,
+                  views: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """The cameras of scene ``index`` of ``split`` exactly as rendered and stored.
 
     Always 'K' [v, 3, 3] and 'world_from_cam' [v, 4, 4] (float64; what the renderer used). ObSuRF
     also 'camera_pos' [v, 3] float32 (stored; the cameras are built from these rounded values);
     MSN also 'K32', 'R', 't' float32 (stored intrinsics and camera_from_world extrinsics, the
-    rendering cameras are built from them); NMR also 'nmr': the four DVR matrices per view.
+    rendering cameras are built from them); NMR also 'nmr': the four DVR matrices per view. Video
+    formats (``views``: the range of frame counts, default VIDEO_VIEWS): 'size' (h, w) and 'rows'
+    [v, 18] float32 (pixelSplat) or 'fxfycxcy' [v, 4] and 'w2c' [v, 4, 4] (LVSM).
     """
     check_format(fmt)
     rng = scene_rng(seed, split, index, STREAM_CAMERAS)
+    if fmt in VIDEO_FORMATS:
+        return _video_cameras(fmt, rng, index, views)
     if fmt == 'nmr':
         K, poses = nmr_cameras(rng, NMR_VIEWS, NMR_SIZE, NMR_SIZE)
         mats = [C.opencv_to_nmr(K[i], poses[i], NMR_SIZE, NMR_SIZE) for i in range(NMR_VIEWS)]
@@ -124,14 +164,16 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int) -> dict[str, np.n
             't': t}
 
 
-def render_scene(fmt: str, seed: int, split: str, index: int, *, noise: bool = True) -> dict:
+def render_scene(fmt: str, seed: int, split: str, index: int, *, noise: bool = True,
+                 views: tuple[int, int] | None = None) -> dict:
     """Scene ``index`` of ``split`` as the writer of ``fmt`` renders it: 'scene' (``scene.Scene``), the
     ``scene_cameras`` entries, and the stacked ``raycast.render`` outputs 'rgb' [v, h, w, 3], 'depth',
     'object_id', 'category' [v, h, w]. ``noise=False`` renders without the per-pixel noise."""
-    cams = scene_cameras(fmt, seed, split, index)
+    cams = scene_cameras(fmt, seed, split, index, views)
     scene = sample_scene(_STYLE[fmt], seed, split, index)
-    h, w = {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE),
-            'msn-demo': (MSN_SIZES['msn-demo'],) * 2}.get(fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
+    h, w = cams['size'] if 'size' in cams else \
+        {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE),
+         'msn-demo': (MSN_SIZES['msn-demo'],) * 2}.get(fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
     views = render_views(scene, cams['K'], cams['world_from_cam'], h, w, noise=noise, seed=seed,
                            split=split, index=index)
     return {'scene': scene, **cams, **views}

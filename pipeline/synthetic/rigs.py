@@ -71,3 +71,34 @@ def msn_cameras(rng, num_views: int = 10, height: int = 128, width: int = 128,
     poses = np.stack([C.look_at(e, t) for e, t in zip(eyes, targets)])
     K = msn_intrinsics(height, width)
     return np.broadcast_to(K, (num_views, 3, 3)).copy(), poses
+
+
+def video_cameras(rng, num_views: int, height: int, width: int,
+                  distance: tuple[float, float] = (7.5, 9.0),
+                  eye_height: tuple[float, float] = (1.0, 1.8)):
+    """A hand-held video walking into the scene, like RealEstate10K / ACID clips: the camera starts
+    7.5-9 units from the centre at eye height, walks 1.5-3 units towards it with a lateral sway and
+    a slow pan, looking ahead and slightly down (level: no roll), z up. Intrinsics: square pixels,
+    horizontal focal 0.5-0.62 of the width, principal point within 2% of the centre. Returns (K
+    [v, 3, 3] pixels, world_from_cam [v, 4, 4] OpenCV)."""
+    az = rng.uniform(0, 2 * math.pi)
+    start = rng.uniform(*distance) * np.array([math.cos(az), math.sin(az)])
+    h = rng.uniform(*eye_height)
+    turn = rng.uniform(-0.3, 0.3)
+    heading = -start / np.linalg.norm(start)
+    heading = np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]]) @ heading
+    side = np.array([-heading[1], heading[0]])
+    travel, sway, freq = rng.uniform(1.5, 3.0), rng.uniform(0.05, 0.2), rng.uniform(0.5, 1.5)
+    pan, phase = rng.uniform(0.02, 0.12), rng.uniform(0, 2 * math.pi)
+    poses = []
+    for i in range(num_views):
+        s = i / max(num_views - 1, 1)
+        xy = start + heading * travel * s + side * sway * math.sin(2 * math.pi * freq * s + phase)
+        eye = np.array([*xy, h + 0.03 * math.sin(4 * math.pi * s)])
+        a = pan * math.sin(2 * math.pi * s + phase)
+        look = math.cos(a) * heading + math.sin(a) * side
+        poses.append(C.look_at(eye, np.array([*(xy + 4.0 * look), 0.4 * h])))
+    f = rng.uniform(0.5, 0.62) * width
+    K = np.array([[f, 0.0, width * (0.5 + rng.uniform(-0.02, 0.02))],
+                  [0.0, f, height * (0.5 + rng.uniform(-0.02, 0.02))], [0.0, 0.0, 1.0]])
+    return np.broadcast_to(K, (num_views, 3, 3)).copy(), np.stack(poses)

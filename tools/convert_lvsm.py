@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Convert LVSM scenes (<src>/<split>/full_list.txt of scene JSONs) into WebDataset shards.
+
+Same as ``srt-shards convert lvsm`` (see docs/SHARDS.md)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import convert_format_main  # noqa: E402
+
+if __name__ == '__main__':
+    sys.exit(convert_format_main('lvsm'))
