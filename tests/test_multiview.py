@@ -320,3 +320,40 @@ def test_loading_doc_example_trains_a_toy_model_where_srt_is_not_importable(spli
     assert [line.split()[0] for line in lines[:4]] == ['0', '1', '2', '3']
     assert all(np.isfinite(float(line.split()[1])) for line in lines[:4])
     assert lines[-1] == 'srt loaded: False'
+
+
+def test_re10k_like_jpeg_shards_of_two_sizes_with_pixelsplat_lvsm_and_index_samplers(tmp_path):
+    """pixelSplat-chunk scenes (JPEG, 72x128 and one of 60x80) converted, then streamed with the
+    bounded sampler and crops, LVSM's sampler and normalisation, and the carried evaluation index."""
+    from pipeline.convert import ConvertConfig, convert
+    from pipeline.synthetic import write_re10k
+    from pipeline.views import BoundedSampler, EvaluationIndex, LVSMSampler
+    from pipeline.viewsample import (LVSMNormalize, NearFar, NormalizeIntrinsics, ResizeCrop,
+                                     ViewSamples)
+    write_re10k(tmp_path / 'src', 7, 1, split_sizes={'train': 3, 'test': 4}, scenes_per_chunk=2,
+                views=(10, 14), workers=1)
+    out = tmp_path / 'shards'
+    convert(ConvertConfig(dataset='re10k', src=str(tmp_path / 'src'), out=str(out), progress=False,
+                          source_format='pixelsplat'))
+    bounded = BoundedSampler(warm_up_steps=0, min_distance_between_context_views=3,
+                             max_distance_between_context_views=8)
+    build = ViewSamples(bounded, [ResizeCrop(32, 32), NormalizeIntrinsics()])
+    s = MultiViewStream(split_shards(str(out), 'train'), 3, build, seed=2)
+    b = next(iter(s))
+    assert b['context']['image'].shape == (3, 2, 3, 32, 32) and b['target']['index'].shape == (3, 4)
+    assert b['context']['image'].dtype == np.uint8 and len(set(b['key'])) == 3
+    assert np.all(b['context']['K'][..., 0, 2] > 0.2) and np.all(b['context']['K'][..., 0, 2] < 0.8)
+    ctx, tgt = b['context']['index'], b['target']['index']
+    assert np.all((tgt >= ctx[:, :1]) & (tgt <= ctx[:, 1:])) and np.all(ctx[:, 1] - ctx[:, 0] >= 3)
+    lvsm = ViewSamples(LVSMSampler(num_views=5, num_target_views=3, min_frame_dist=5,
+                                   max_frame_dist=9), [ResizeCrop(24, 24), LVSMNormalize(),
+                                                       NearFar(default=(0.1, 100.0))])
+    b = next(iter(MultiViewStream(split_shards(str(out), 'train'), 2, lvsm, seed=2)))
+    assert np.abs(b['context']['c2w'][..., :3, 3]).max() <= 1 / 1.35 + 1e-6
+    scale = np.linalg.norm(b['norm_from_world'][:, 0, :3], axis=-1)  # LVSM's 1 / s per sample
+    np.testing.assert_allclose(b['target']['far'][:, 0], 100.0 * scale, rtol=1e-5)  # with the poses
+    index = EvaluationIndex.load(str(out), 'test')
+    ev = list(MultiViewStream(split_shards(str(out), 'test'), 2,
+                              ViewSamples(index, [ResizeCrop(16, 16)]), train=False))
+    assert sum(len(b['key']) for b in ev) == 4 - index.nulls
+    assert events(ev, 'skipped/null_in_index') == index.nulls >= 1
