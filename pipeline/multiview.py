@@ -332,6 +332,10 @@ class MultiViewLoader:
     def __init__(self, stream: MultiViewStream, num_workers: int = 0, *,
                  state: dict[str, Any] | None = None, pin_memory: bool = False,
                  prefetch_factor: int = 2):
+        if not stream.train and stream.world_size > 1:
+            raise ValueError('MultiViewLoader: an evaluation stream (train=False) gives ranks '
+                             'different numbers of batches and would hang DDP training; use '
+                             'train=True')
         if state is not None:
             stream.load_state_dict(state)
         self.stream, self.num_workers = stream, num_workers

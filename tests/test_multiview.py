@@ -269,6 +269,8 @@ def test_refusals_name_what_to_keep(split):
         next(stream(directory, batch=3, state=tracker.state_dict()).worker_batches(0, 1))
     with pytest.raises(ValueError, match='19 scenes for 20 ranks'):
         stream(directory, world_size=20, rank=0)
+    with pytest.raises(ValueError, match='would hang DDP training; use train=True'):
+        MultiViewLoader(stream(directory, world_size=2, train=False))
     with pytest.raises(ValueError, match='version'):
         StreamTracker(s.meta, Layout().to_list(), {'version': 1})
     check_ranks([1, 1], 2)
