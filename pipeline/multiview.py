@@ -38,7 +38,8 @@ from pipeline import epochs as ep
 from pipeline import tario
 from pipeline.fetch import ShardFaults, ShardFetcher
 from pipeline.reader import Scene, ShardError, iter_shard, read_manifest, shard_urls
-from pipeline.streamstate import StreamTracker, continue_from, scenes_fingerprint
+from pipeline.streamstate import (StreamPosition, StreamTracker, check_meta, continue_from,
+                                  scenes_fingerprint)
 from pipeline.views import SkipScene
 from pipeline.viewsample import collate as collate_samples
 
@@ -124,7 +125,8 @@ class MultiViewStream(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Continue from a (merged) ``StreamTracker.state_dict()``; before iterating."""
-        continue_from(state, self.meta, self.layout(1).to_list()[:1] + [None] * 4)  # checks
+        if state:
+            check_meta(StreamPosition.from_dict(state).meta, self.meta)
         self.state = state
 
     def tracker(self, num_workers: int) -> StreamTracker:
@@ -180,7 +182,7 @@ class MultiViewStream(IterableDataset):
                 item = self._item(deal.order, gid, scene, base + rnd, step, events)
                 if item is None:
                     since_item += 1
-                    if since_item >= total:
+                    if since_item >= total and need is not None:
                         raise RuntimeError(f'stream slot {slot}: none of its {total} samples in '
                                            f'epoch {deal.order.epoch} is usable ({dict(events)})')
                     continue
@@ -199,8 +201,7 @@ class MultiViewStream(IterableDataset):
                     if need is not None and emitted >= need:
                         return
         if batch:
-            yield self._batch(batch, slot, deal.layout.workers, deal.order.epoch, walked,
-                                      events)
+            yield self._batch(batch, slot, deal.layout.workers, deal.order.epoch, walked, events)
 
     def _batch(self, items: list[dict[str, Any]], slot: int, workers: int, epoch: int,
                walked: int, events: Counter) -> dict[str, Any]:

@@ -228,6 +228,12 @@ def test_view_samples_decode_chosen_views_with_cameras_and_count_null_index_entr
     assert b['context']['index'].tolist() == [[0, 6]] * 4
     np.testing.assert_allclose(b['context']['near'], 2.0)  # NMR's render range, from meta.json
     assert b['key'] == [k for i, k in enumerate(keys) if i % 4][:4]
+    # an evaluation worker whose whole share is null in the index has nothing to yield (no error)
+    nulls = ViewSamples(EvaluationIndex({k: None if i < 10 else entries[keys[1]]
+                                         for i, k in enumerate(keys)}), [])
+    s = MultiViewStream(split_shards(str(directory), 'train'), 4, nulls, train=False)
+    got = [k for w in range(2) for b in s.worker_batches(w, 2) for k in b['key']]
+    assert sorted(got) == sorted(keys[10:])
 
 
 def test_bad_and_short_shards_are_skipped_counted_and_batches_stay_equal(split, tmp_path, capfd):
@@ -267,6 +273,9 @@ def test_refusals_name_what_to_keep(split):
                         state=tracker.state_dict()).worker_batches(0, 1).__next__()
     with pytest.raises(ValueError, match='global batch_size: saved 2, now 3'):
         next(stream(directory, batch=3, state=tracker.state_dict()).worker_batches(0, 1))
+    with pytest.raises(ValueError, match='seed: saved 7, now 9'):  # at once, before iterating
+        MultiViewStream(split_shards(str(directory), 'train'), 2, key_only,
+                        seed=9).load_state_dict(tracker.state_dict())
     with pytest.raises(ValueError, match='19 scenes for 20 ranks'):
         stream(directory, world_size=20, rank=0)
     with pytest.raises(ValueError, match='would hang DDP training; use train=True'):
