@@ -17,7 +17,7 @@ def test_bench_loader_prints_its_table(tmp_path):
     out = run_tool('tools/bench_loader.py', '--workdir', tmp_path, '--scenes', 12, '--seconds',
                    0.2, '--sets', 'msn', 'nmr')
     rows = [line for line in out.splitlines() if line.startswith('| msn') or line.startswith('| nmr')]
-    assert len(rows) == 2 and all(line.count('|') == 10 for line in rows)
+    assert len(rows) == 2 and all(line.count('|') == 12 for line in rows)
 
 
 def test_bench_convert_prints_its_ratios(tmp_path):

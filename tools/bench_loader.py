@@ -20,6 +20,11 @@ are items per CPU second of the process, so TensorFlow's threads count too):
                   views to all of them, no warm-up), uint8 images [v, 3, h, w] + K + c2w; one
                   sample per scene, only the chosen views decoded (NMR: ~5.5 of 24 views per
                   item, where the SRT stream decodes 1 view per item)
+  generic, SRT views  the same generic stream with SRT's view choice (srt.data.reference_sampler,
+                  SRT's items per scene) through pipeline.viewsample.ViewSamples: whole uint8
+                  views + K + c2w per item where SRT's item builder samples num_points pixels and
+                  canonical frames; "generic SRT views / ours" is the issue-12 comparison of the
+                  generic path with the SRT stream on SRT-shaped data
   reference       the reference's path re-implemented: NMR / CLEVR3D per item every PNG read from
                   its file and numpy rays of every view; MSN a tf.data pipeline over the TFRecords
                   that decodes the PNGs and computes per-pixel rays as sunds does
@@ -116,6 +121,22 @@ def generic(shards: str, num_views: int):
                              max_distance_between_context_views=num_views - 1)
     stream = iter(MultiViewStream(split_shards(shards, 'train'), BATCH, ViewSamples(sampler),
                                   shards_per_visit=4, buffer=64))
+
+    def run():
+        for _ in range(5):
+            next(stream)
+        return 5 * BATCH
+    return run
+
+
+def generic_srt_views(shards: str, dataset: str, num_views: int):
+    from pipeline.multiview import MultiViewStream, split_shards
+    from pipeline.viewsample import ViewSamples
+    from srt.data import DataConfig, items_per_scene, reference_sampler
+    cfg = DataConfig(dataset=dataset, num_points=NUM_POINTS)
+    stream = iter(MultiViewStream(split_shards(shards, 'train'), BATCH,
+                                  ViewSamples(reference_sampler(cfg)), shards_per_visit=4,
+                                  buffer=64, samples_per_scene=items_per_scene(cfg, num_views)))
 
     def run():
         for _ in range(5):
@@ -267,17 +288,20 @@ def main(argv=None) -> int:
         row = {'set': name, 'decode': timed(decode_only(shards), args.seconds),
                'ours': timed(ours(shards, dataset, False), args.seconds),
                'generic': timed(generic(shards, VIEWS[name]), args.seconds),
+               'generic_srt': timed(generic_srt_views(shards, dataset, VIEWS[name]), args.seconds),
                'ours_rays': timed(ours(shards, dataset, True), args.seconds),
                'reference': timed(reference_msn(src) if name == 'msn' else
                                   reference_files(src, dataset), args.seconds)}
         rows.append(row)
         print(f'{name}: done', flush=True)
     print()
-    print('| shape | decode only (limit) | ours | ours / limit | generic (pixelSplat 2+4) | '
-          'generic / ours | ours + CPU rays | reference | ours / reference |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('| shape | decode only (limit) | ours | ours / limit | generic, SRT views | '
+          'generic SRT views / ours | generic (pixelSplat 2+4) | generic / ours | ours + CPU rays | '
+          'reference | ours / reference |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["set"]} | {r["decode"]:,.0f} | {r["ours"]:,.0f} | {r["ours"] / r["decode"]:.2f}x | '
+              f'{r["generic_srt"]:,.0f} | {r["generic_srt"] / r["ours"]:.2f}x | '
               f'{r["generic"]:,.0f} | {r["generic"] / r["ours"]:.2f}x | '
               f'{r["ours_rays"]:,.0f} | {r["reference"]:,.1f} | {r["ours"] / r["reference"]:.0f}x |')
     return 0
