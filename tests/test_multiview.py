@@ -333,6 +333,24 @@ def test_loading_doc_example_trains_a_toy_model_where_srt_is_not_importable(spli
     assert lines[-1] == 'srt loaded: False'
 
 
+def test_loading_doc_plain_webdataset_example_reads_our_shards(split):
+    import webdataset as wds
+    from pipeline.reader import Scene
+    directory, keys = split
+    doc = (ROOT / 'docs/LOADING.md').read_text()
+    code = doc.split('## A plain webdataset', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+    pattern = f"'{directory}/train-{{000000..{len(SIZES) - 1:06d}}}.tar'"
+    code = code.replace("'shards/msn/train-{000000..000039}.tar'", pattern)
+    code += '    seen.append((sample["__key__"], K.shape, c2w.shape, image0.shape, image0.dtype.name))\n'
+    scope = {'seen': []}
+    exec(code, scope)
+    assert sorted(k for k, *_ in scope['seen']) == sorted(keys)
+    assert {tuple(s[1:]) for s in scope['seen']} == {((24, 3, 3), (24, 4, 4), (64, 64, 3), 'float32')}
+    sample = next(iter(wds.WebDataset(eval(pattern), shardshuffle=False)))  # undecoded
+    scene = Scene(sample)
+    assert scene.key == keys[0] and scene.image(3).shape == (64, 64, 3)
+
+
 def test_re10k_like_jpeg_shards_of_two_sizes_with_pixelsplat_lvsm_and_index_samplers(tmp_path):
     """pixelSplat-chunk scenes (JPEG, 72x128 and one of 60x80) converted, then streamed with the
     bounded sampler and crops, LVSM's sampler and normalisation, and the carried evaluation index."""

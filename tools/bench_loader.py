@@ -63,9 +63,10 @@ def prepare(workdir: str, name: str, scenes: int | None = None) -> tuple[str, st
     if not os.path.isdir(src):
         subprocess.run([sys.executable, os.path.join(ROOT, 'tools/make_synthetic.py'), '--format',
                         fmt, '--out', src, '--scenes', str(scenes)], check=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out', out,
-                    '--splits', 'train', '--scenes-per-shard', '25', '--no-progress'], check=True,
-                   stdout=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(out, 'train.manifest.json')):  # converted: keep (any schema)
+        subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out',
+                        out, '--splits', 'train', '--scenes-per-shard', '25', '--no-progress'],
+                       check=True, stdout=subprocess.DEVNULL)
     return src, out
 
 
