@@ -101,10 +101,11 @@ def open_url(url: str) -> BinaryIO:
     return wds.gopen(url, 'rb')
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+def iter_shard(url: str, stream: BinaryIO | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one shard, as WebDataset-style dicts of member bytes (fast tar parsing).
-    A truncated or corrupt tar raises ``tario.TarFormatError`` naming the URL."""
-    stream = open_url(url)
+    A truncated or corrupt tar raises ``tario.TarFormatError`` naming the URL. ``stream``: the
+    shard already opened (``pipeline.fetch.ShardFetcher.open``), closed at the end."""
+    stream = open_url(url) if stream is None else stream
     try:
         sample: dict[str, Any] = {}
         for name, data, _ in tario.iter_members(stream, url):

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import types
 from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import cameras
+from pipeline import cameras, views
 from pipeline.reader import Scene
 
 NUM_MSN_INPUT_VIEWS = 5
@@ -125,20 +126,23 @@ def items_per_scene(cfg: DataConfig, num_views: int) -> int:
     return 1 if cfg.dataset in MSN_LIKE or cfg.generic else num_views
 
 
+def reference_sampler(cfg: DataConfig) -> views.RandomInputs | views.EachViewAsInput:
+    """The reference's view choice as a ``pipeline.views`` sampler: MSN ``num_input_views``
+    random inputs, the other views as targets (all with ``train_on_inputs``); NMR each view as
+    input, the others as targets; ObSuRF each view as input, every view as target."""
+    if cfg.dataset in MSN_LIKE:
+        return views.RandomInputs(cfg.num_input_views, 'all' if cfg.train_on_inputs else 'rest')
+    return views.EachViewAsInput('rest' if cfg.dataset == 'nmr' else 'all')
+
+
 def choose_views(cfg: DataConfig, num_views: int, item: int, rng: np.random.Generator
                  ) -> tuple[list[int], list[int]]:
     """(input views, target views) of a scene's ``item``-th item, as the reference chooses them
     (generic mode: see the module docstring)."""
     if cfg.generic:
         return generic_views(cfg, num_views, rng)
-    if cfg.dataset in MSN_LIKE:
-        inputs = [int(v) for v in rng.choice(num_views, cfg.num_input_views, replace=False)]
-        if cfg.train_on_inputs:
-            return inputs, list(range(num_views))
-        return inputs, sorted(set(range(num_views)) - set(inputs))
-    if cfg.dataset == 'nmr':
-        return [item], [v for v in range(num_views) if v != item]
-    return [item], list(range(num_views))  # ObSuRF: the input view is a target too
+    choice = reference_sampler(cfg)(types.SimpleNamespace(num_views=num_views, key=''), rng, 0, item)
+    return list(choice.context), list(choice.target)
 
 
 def generic_views(cfg: DataConfig, num_views: int, rng: np.random.Generator

@@ -111,6 +111,7 @@ class Run:
     compiled: bool  # torch.compile the steps' model
     step_model: nn.Module | None = None  # the model the steps run: compiled and/or DDP-wrapped
     stream_state: StreamState | None = None
+    data_state: dict | None = None  # every rank's stream position, joined at the last interval work
     train_iter: Iterator | None = None
     batches_per_epoch: int = 1
     eval_stream: EvalStream | None = None
@@ -232,19 +233,19 @@ def open_streams(run: Run, state: TrainState) -> None:
     """The training and evaluation streams, the visualisation batches, and the step model."""
     tc, args, cuda = run.cfg.training, run.args, run.device.type == 'cuda'
     train_shards = shard_table(args.shards, 'train', args.shard_url)
-    run.stream_state = StreamState(tc.seed, run.world, tc.num_workers, run.micro, state.data_state)
     # --full-scale is for evaluation only: training always samples num_points rays per scene.
     train_data = dataclasses.replace(run.cfg.data, full_scale=False)
     stream = TrainStream(train_data, train_shards, run.micro, seed=tc.seed, rank=run.rank,
                          world_size=run.world, shards_per_visit=tc.shards_per_visit,
-                         item_buffer=tc.item_buffer, state=state.data_state)
+                         item_buffer=tc.item_buffer, state=state.data_state, num_views=run.num_views)
+    run.stream_state = StreamState.of(stream, tc.num_workers, state.data_state)
     run.batches_per_epoch = max(1, stream.batches_per_epoch(run.num_views) // tc.grad_accum)
     run.train_iter = iter(loader(stream, tc.num_workers, pin_memory=cuda))
     eval_shards = shard_table(args.shards, run.eval_split, args.shard_url)
     eval_bs = tc.eval_batch_size or max(1, tc.batch_size // run.world // 8)
     run.eval_stream = EvalStream(run.cfg.data, eval_shards, eval_bs, rank=run.rank,
                                  world_size=run.world, max_scenes=tc.max_eval, seed=tc.seed,
-                                 skip_bad=args.skip_bad)
+                                 skip_bad=args.skip_bad, num_views=run.num_views)
     if run.master and (tc.visualize_every > 0 or args.visnow):
         run.vis = {'val': fixed_items(run.cfg.data, eval_shards, tc.vis_scenes, tc.seed),
                    'train': fixed_items(run.cfg.data, train_shards, tc.vis_scenes, tc.seed)}
@@ -286,6 +287,7 @@ def interval_work(run: Run, state: TrainState) -> None:
     validate = (args.evalnow and first) or _due(state, tc.validate_every)
     if save or backup or validate:
         state.guard.check(state.last_checkpoint)  # never keep or select the weights of a diverged step
+        run.data_state = run.stream_state.global_state()  # a collective: every rank is here
     if save:
         write_checkpoint(run, state, run.path('model.pt'))
     if backup:
@@ -328,7 +330,7 @@ def write_checkpoint(run: Run, state: TrainState, path: str) -> None:
         progress = {'it': state.it, 'epoch_it': state.epoch_it, 't': state.elapsed,
                     'loss_val_best': state.best, 'run_id': state.run_id}
         save_checkpoint(path, training_checkpoint(run.model, run.optimizer, progress, run.resolved,
-                                                  run.stream_state.state_dict()))
+                                                  run.data_state))
 
 
 def train_step(run: Run, state: TrainState) -> None:
@@ -376,6 +378,7 @@ def log_record(run: Run, state: TrainState) -> None:
               'psnr': float(mse2psnr(torch.tensor(avg['mse']))), 'lr': state.lr,
               'scenes_per_s': state.scenes / (now - state.t_log),
               'step_time': (now - state.t_log) / steps, 'bad_data': run.stream_state.bad,
+              'data_repeated': run.stream_state.repeated, 'data_skipped': run.stream_state.skipped,
               **runtime.peak_memory(run.device)}
     state.t_log, state.scenes = now, 0
     if run.master:
@@ -387,6 +390,7 @@ def finish(run: Run, state: TrainState) -> None:
     """The last checkpoint, the DDP debug record, and all ranks leave together."""
     if state.it > state.start_it:
         state.guard.check(state.last_checkpoint)
+        run.data_state = run.stream_state.global_state()
         write_checkpoint(run, state, run.path('model.pt'))
     if run.args.debug_ddp:
         distributed.write_ddp_debug(run.model, state.seen_keys, run.out_dir, run.rank)

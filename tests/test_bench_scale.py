@@ -13,7 +13,8 @@ def test_bench_scale_prints_its_rows_and_formulae(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for name in ('manifest read + shard table', 'deal 16 shards to 4 ranks', 'index build',
+    for name in ('manifest read + shard table', 'deal 16 shards to 4 ranks x 2 workers',
+                 'elastic re-deal', 'merged stream state', 'index build',
                  'random lookup by key', 'stream state_dict per rank (W=2)',
                  'converter: shards per task (T=3)', 'formulae'):
         assert name in out, name

@@ -18,7 +18,7 @@ def test_bench_loader_prints_its_table(tmp_path):
                    0.2, '--sets', 'msn', 'nmr', 're10k', '--frames', 8)
     rows = [line for line in out.splitlines() if line.split(' ')[:2] in
             (['|', 'msn'], ['|', 'nmr'], ['|', 're10k'])]
-    assert len(rows) == 3 and all(line.count('|') == 8 for line in rows)
+    assert len(rows) == 3 and all(line.count('|') == 12 for line in rows)
 
 
 def test_bench_convert_prints_its_ratios(tmp_path):

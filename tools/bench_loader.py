@@ -15,10 +15,20 @@ process, so TensorFlow's threads count too):
                   already in memory: the limit of a loader that decodes per item (ours decodes a
                   scene once for all of its items, which is why it can pass this limit for NMR and
                   CLEVR3D)
-  ours            pipeline.stream + srt.loader.TrainStream: tar reading, decoding, view choice,
+  ours            srt.loader.TrainStream (on pipeline.multiview): tar reading, decoding, view choice,
                   canonical frames and num_points target pixels per item, collated batches (rays
                   are computed on the training device from the shipped cameras)
   ours + rays     the same, plus srt.data.to_model_inputs on the CPU (float images, every ray)
+  generic         pipeline.multiview.MultiViewStream (what srt.loader.TrainStream is built on)
+                  with pixelSplat's bounded sampler, 2 context + 4 target views (gap 1/3 of the
+                  views to all of them, no warm-up), uint8 images [v, 3, h, w] + K + c2w; one
+                  sample per scene, only the chosen views decoded (NMR: ~5.5 of 24 views per
+                  item, where the SRT stream decodes 1 view per item)
+  generic, SRT views  the same generic stream with SRT's view choice (srt.data.reference_sampler,
+                  SRT's items per scene) through pipeline.viewsample.ViewSamples: whole uint8
+                  views + K + c2w per item where SRT's item builder samples num_points pixels and
+                  canonical frames; "generic SRT views / ours" is the issue-12 comparison of the
+                  generic path with the SRT stream on SRT-shaped data
   reference       the reference's path re-implemented: NMR / CLEVR3D per item every PNG read from
                   its file and numpy rays of every view; MSN a tf.data pipeline over the TFRecords
                   that decodes the PNGs and computes per-pixel rays as sunds does; RE10K the
@@ -50,6 +60,7 @@ SETS = {  # name: (generator format, converter, dataset, scenes)
     're10k': (None, 'convert_pixelsplat.py', 're10k', 40),
 }
 RE10K_SIZE, RE10K_INPUTS, RE10K_TARGETS, CHUNK_BYTES = (360, 640), 2, 4, int(1e8)
+VIEWS = {'msn': 10, 'nmr': 24, 'clevr3d': 3}
 NUM_POINTS = 8192
 BATCH = 8
 
@@ -61,15 +72,17 @@ def prepare(workdir: str, name: str, scenes: int | None = None, frames: int = 10
     src, out = os.path.join(workdir, f'{name}_src'), os.path.join(workdir, f'{name}_shards')
     if name == 're10k':
         src = os.path.join(workdir, f're10k_{scenes}x{frames}', 're10k')
+        out = os.path.join(workdir, f're10k_{scenes}x{frames}', 'shards')
         if not os.path.isdir(src):
             write_re10k_chunks(src, scenes, frames)
     elif not os.path.isdir(src):
         subprocess.run([sys.executable, os.path.join(ROOT, 'tools/make_synthetic.py'), '--format',
                         fmt, '--out', src, '--scenes', str(scenes)], check=True)
     per_shard = '8' if name == 're10k' else '25'
-    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out', out,
-                    '--splits', 'train', '--scenes-per-shard', per_shard, '--no-progress'],
-                   check=True, stdout=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(out, 'train.manifest.json')):  # converted: keep (any schema)
+        subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), '--src', src, '--out',
+                        out, '--splits', 'train', '--scenes-per-shard', per_shard, '--no-progress'],
+                       check=True, stdout=subprocess.DEVNULL)
     return src, out
 
 
@@ -143,6 +156,39 @@ def ours(shards: str, dataset: str, rays: bool):
             batch = next(stream)
             if rays:
                 to_model_inputs(batch)
+        return 5 * BATCH
+    return run
+
+
+def generic(shards: str, num_views: int):
+    from pipeline.multiview import MultiViewStream, split_shards
+    from pipeline.views import BoundedSampler
+    from pipeline.viewsample import ViewSamples
+    sampler = BoundedSampler(num_context_views=2, num_target_views=4, warm_up_steps=0,
+                             min_distance_between_context_views=max(1, (num_views - 1) // 3),
+                             max_distance_between_context_views=num_views - 1)
+    stream = iter(MultiViewStream(split_shards(shards, 'train'), BATCH, ViewSamples(sampler),
+                                  shards_per_visit=4, buffer=64))
+
+    def run():
+        for _ in range(5):
+            next(stream)
+        return 5 * BATCH
+    return run
+
+
+def generic_srt_views(shards: str, dataset: str, num_views: int):
+    from pipeline.multiview import MultiViewStream, split_shards
+    from pipeline.viewsample import ViewSamples
+    from srt.data import DataConfig, items_per_scene, reference_sampler
+    cfg = DataConfig(dataset=dataset, num_points=NUM_POINTS)
+    stream = iter(MultiViewStream(split_shards(shards, 'train'), BATCH,
+                                  ViewSamples(reference_sampler(cfg)), shards_per_visit=4,
+                                  buffer=64, samples_per_scene=items_per_scene(cfg, num_views)))
+
+    def run():
+        for _ in range(5):
+            next(stream)
         return 5 * BATCH
     return run
 
@@ -328,16 +374,24 @@ def main(argv=None) -> int:
             name, lambda: reference_files(src, dataset))
         row = {'set': name, 'decode': timed(decode_only(shards, per_item), args.seconds),
                'ours': timed(ours(shards, dataset, False), args.seconds),
+               'generic': timed(generic(shards, VIEWS.get(name, args.frames)), args.seconds),
+               # SRT's view choice exists for SRT's datasets only (RE10K: the generic mode)
+               'generic_srt': (timed(generic_srt_views(shards, dataset, VIEWS[name]), args.seconds)
+                               if name in VIEWS else None),
                'ours_rays': timed(ours(shards, dataset, True), args.seconds),
                'reference': timed(reference(), args.seconds)}
         rows.append(row)
         print(f'{name}: done', flush=True)
     print()
-    print(f'| shape | decode only (limit) | ours | ours / limit | ours + CPU rays | reference | '
-          f'ours / reference |')
-    print('|---|---|---|---|---|---|---|')
+    print('| shape | decode only (limit) | ours | ours / limit | generic, SRT views | '
+          'generic SRT views / ours | generic (pixelSplat 2+4) | generic / ours | ours + CPU rays | '
+          'reference | ours / reference |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["set"]} | {r["decode"]:,.0f} | {r["ours"]:,.0f} | {r["ours"] / r["decode"]:.2f}x | '
+              + (f'{r["generic_srt"]:,.0f} | {r["generic_srt"] / r["ours"]:.2f}x | '
+                 if r['generic_srt'] is not None else '- | - | ') +
+              f'{r["generic"]:,.0f} | {r["generic"] / r["ours"]:.2f}x | '
               f'{r["ours_rays"]:,.0f} | {r["reference"]:,.1f} | {r["ours"] / r["reference"]:.0f}x |')
     return 0
 

@@ -7,13 +7,16 @@
 Writes what the converter writes for such a split except the shards themselves (the manifest, the
 per-shard records with per-sample offsets, the LMDB index) and measures:
   manifest          size; time to read it and build the shard table every rank builds
-  epoch plan        seeded shard shuffle, dealing shards to ranks by scene count and each rank's
-                    shards to its workers (as srt.loader does); a scene-level permutation of the
-                    whole split as the upper bound of any per-epoch scene shuffle
+  epoch plan        what every DataLoader worker computes per epoch (pipeline.epochs): the seeded
+                    global order, the deal to R ranks x W workers, its visits and one visit's
+                    schedule; the same after an elastic resume (a run saved at R x W continued on
+                    R/2 ranks); a scene-level permutation of the whole split as the upper bound of
+                    any per-epoch scene shuffle
   index             build time (pipeline.index.build from the records, as the converter's
                     finalize does), file size, random lookup latency by key and by reference index
   stream state      per rank at R ranks x W workers: the TrainStream object (memory, pickled size
-                    sent to each worker) and the StreamState checkpointed (state_dict bytes)
+                    sent to each worker), the StreamState of a rank (state_dict bytes) and the
+                    merged state of all ranks that a checkpoint holds
   converter plan    what each task of a --num-tasks T job array reads and writes (convert() deals
                     shard i to task i mod T)
 and prints the formulae the numbers follow. The default scene size is a generated MSN scene's shard
@@ -119,7 +122,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import numpy as np
     from srt.data import DataConfig
-    from srt.loader import StreamState, TrainStream, deal_shards, shard_table
+    from pipeline import epochs
+    from pipeline.streamstate import merge_states
+    from srt.loader import StreamState, TrainStream, shard_table
 
     N, S, R, W, T = args.scenes, args.shards, args.ranks, args.workers, args.num_tasks
     out = args.workdir or tempfile.mkdtemp(prefix='srt_bench_scale_')
@@ -141,21 +146,36 @@ def main(argv=None) -> int:
             f'{rec_bytes / 2**20:.1f} MiB, {rec_bytes / N:.0f} B per scene')
 
         # ---------------------------------------------------------------- epoch plan
-        t_shuf, _ = best_of(lambda: np.random.default_rng([0, 1]).permutation(S))
-        row('shuffle shards (seeded, per epoch)', f'{t_shuf * 1e3:.3f} ms')
-        t_deal, per_rank = best_of(lambda: deal_shards(shards, R))
-        row(f'deal {S} shards to {R} ranks', f'{t_deal * 1e3:.1f} ms', 'by scene count')
-        t_workers, _ = best_of(lambda: [deal_shards([shards[i] for i in mine], W)
-                                        for mine in per_rank])
-        row(f'deal each rank\'s shards to {W} workers (all)', f'{t_workers * 1e3:.1f} ms',
-            f'{t_workers / R * 1e3:.3f} ms per rank')
+        counts = [n for _, n in shards]
+        layout = epochs.Layout(R, W, 8, 8, 256)
+        t_order, order = best_of(lambda: epochs.EpochOrder(counts, 0, 1))
+        row('epoch order (seeded shard shuffle)', f'{t_order * 1e3:.3f} ms')
+        t_deal, pieces = best_of(lambda: epochs.deal([(0, order.total)], layout, 1))
+        row(f'deal {S} shards to {R} ranks x {W} workers', f'{t_deal * 1e3:.1f} ms',
+            'contiguous pieces: ranks cut at scenes, workers exact')
+        t_visits, visits = best_of(lambda: epochs.slot_visits(order, pieces[-1], 8))
+        row('a worker\'s visits (8 shards per visit)', f'{t_visits * 1e3:.2f} ms',
+            f'{len(visits)} visits, {epochs.count(pieces[-1])} scenes')
+        t_events, _ = best_of(lambda: epochs.visit_events(order, visits[0], 256))
+        row('one visit\'s schedule (interleave + buffer)', f'{t_events * 1e3:.2f} ms',
+            f'{len(visits[0].ids)} scenes, computed when the visit starts')
+        t_plan, deal = best_of(lambda: epochs.plan_epoch(counts, 0, 1, layout))
+        row('epoch plan per worker (order + deal)',
+            f'{(best_of(lambda: shard_table(out, "train"))[0] + t_plan + t_visits) * 1e3:.1f} ms',
+            'manifest read + plan_epoch + its visits')
+        half = {s: epochs.count(p) // 2 for s, p in enumerate(pieces)}
+        small = epochs.Layout(max(1, R // 2), W, 16, 8, 256)
+        t_elastic, redealt = best_of(lambda: epochs.plan_epoch(
+            counts, 0, 1, small, history=[epochs.Link(layout, half)]), repeat=1)
+        row(f'elastic re-deal: saved at {R} x {W} mid-epoch, on {small.ranks} ranks',
+            f'{t_elastic * 1e3:.0f} ms', f'{epochs.count(redealt.remaining):,} samples left '
+            f'in {len(redealt.remaining):,} intervals')
         t_scene, perm = best_of(lambda: np.random.default_rng([0, 1]).permutation(N))
         row(f'permute all {N:,} scenes (upper bound)', f'{t_scene * 1e3:.1f} ms',
             f'{perm.nbytes / 2**20:.1f} MiB as int64')
-        row('epoch plan per rank (read + shuffle + deal)',
-            f'{(best_of(lambda: shard_table(out, "train"))[0] + t_shuf + t_deal + t_workers / R) * 1e3:.1f} ms')
-        loads = [sum(shards[i][1] for i in mine) for mine in per_rank]
-        row('scenes per rank (min / max)', f'{min(loads):,} / {max(loads):,}')
+        loads = [epochs.count(epochs.rank_piece(pieces, layout, r)) for r in range(R)]
+        row('scenes per rank (min / max)', f'{min(loads):,} / {max(loads):,}',
+            f'{deal.batches} batches of 8 per worker, {deal.repeats} repeated per epoch')
 
         # ---------------------------------------------------------------- index
         t0 = time.perf_counter()
@@ -191,22 +211,28 @@ def main(argv=None) -> int:
         cfg = DataConfig(dataset='msn')
         mem, stream = traced(lambda: TrainStream(cfg, shards, 8, rank=R - 1, world_size=R))
         row(f'TrainStream per rank (R={R}): memory', f'{mem / 1024:.1f} KiB',
-            f'{len(stream.shards)} shards of its own')
+            f'{len(stream.shards)} shard entries: every worker plans the epoch')
         row('TrainStream pickled to each worker', f'{len(pickle.dumps(stream)) / 1024:.1f} KiB',
             f'x {W} workers per rank')
         mem_table, _ = traced(lambda: shard_table(out, 'train'))
-        row('shard table held while dealing (per rank)', f'{mem_table / 1024:.0f} KiB',
-            'freed after construction')
-        state = StreamState(0, R, W, 8)
-        for w in range(W):
-            state.update({'_pos': np.array([w, 123456, 789]), '_bad': np.array(0)})
-        sd = state.state_dict()
+        row('shard table held by the stream (per rank)', f'{mem_table / 1024:.0f} KiB',
+            'the counts plan every epoch')
+        ranks = []
+        for r in range(R):
+            state = StreamState(0, R, W, 8, rank=r, shards_per_visit=8, buffer=256)
+            for w in range(W):
+                state.update({'_pos': np.array([w, 12, 789]), '_bad': np.array(0)})
+            ranks.append(state.state_dict())
+        sd = ranks[-1]
+        merged = merge_states(ranks)
         import torch
         import io
         buf = io.BytesIO()
         torch.save(sd, buf)
         row(f'stream state_dict per rank (W={W})', f'{len(json_bytes(sd))} B',
             f'JSON; {len(buf.getvalue())} B in torch.save')
+        row(f'merged stream state ({R} x {W} slots, in a checkpoint)',
+            f'{len(json_bytes(merged)) / 1024:.1f} KiB', 'all-gathered before each save')
 
         # ---------------------------------------------------------------- converter plan
         spp = -(-N // S)
@@ -233,12 +259,15 @@ def main(argv=None) -> int:
 formulae (N scenes, S shards, R ranks, W workers per rank, T tasks, b bytes per scene):
   manifest bytes          ~ {man_bytes / S:.0f} S            read per rank O(S)
   shard records           ~ {rec_bytes / N:.0f} N bytes      read once by the finalize
-  epoch plan per rank     O(S log S + S R) to deal shards by scene count (min over R parts per
-                          shard), O(S/R log(S/R) + S/R W) for its workers; a scene permutation O(N)
+  epoch plan per worker   O(S) order (shuffle + cumulative counts), O(R W log S) deal of
+                          contiguous pieces, O(N/(R W)) for its own visits; an elastic re-deal adds
+                          a replay of each old slot's current visit's schedule; a scene permutation
+                          would be O(N)
   index                   ~ {st.st_size / N:.0f} N bytes, build O(N log N) ({N / t_build:,.0f} scenes/s),
                           lookup O(log N) (B-tree depth 3-4 at 1M: constant in practice)
-  stream state per rank   O(W) numbers ({len(json_bytes(sd))} B), independent of N and S;
-                          TrainStream per rank O(S/R) shard entries, pickled once per worker
+  stream state per rank   O(W) numbers ({len(json_bytes(sd))} B), independent of N and S; merged
+                          O(R W) ({len(json_bytes(merged))} B); TrainStream per rank O(S) shard
+                          entries (every worker plans the whole epoch), pickled once per worker
   converter task          ceil(S/T) shards, ~N/T scenes, ~N b/T bytes written; O(N) to list refs
 ''')
     finally:
