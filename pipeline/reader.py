@@ -93,6 +93,22 @@ def render_range(directory: str, split: str = 'train', url_template: str | None 
     raise ShardError(f'{directory}: split {split!r} has no scenes to read near/far from')
 
 
+def read_evaluation_index(directory: str, split: str) -> dict[str, Any] | None:
+    """The split's carried evaluation index ``{sample key: {"context": [...], "target": [...]} |
+    null}`` (``<split>.evaluation_index.json``, written by the pixelSplat importer), or None."""
+    path = os.path.join(directory, f'{split}.evaluation_index.json')
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except ValueError as e:
+        raise ShardError(f'{path}: unreadable evaluation index ({e})') from None
+    if not isinstance(index, dict):
+        raise ShardError(f'{path}: an evaluation index maps sample keys to entries')
+    return index
+
+
 # ----------------------------------------------------------------------------- samples of a shard
 
 def open_url(url: str) -> BinaryIO:
@@ -268,6 +284,13 @@ class Scene:
     def timestamps(self) -> list[int] | None:
         """The source's per-view timestamps (e.g. RE10K microseconds), or None."""
         return self.meta.get('timestamps')
+
+    def image_bytes(self, view: int) -> bytes:
+        """The stored, encoded bytes of ``view`` (PNG or JPEG: ``image_format``), undecoded."""
+        name = rgb_member(view, self._ext)
+        if not 0 <= view < self.num_views or name not in self.sample:
+            raise ShardError(f'{self.where} view {view}: no {name} member')
+        return self.sample[name]
 
     def image(self, view: int) -> np.ndarray:
         """[h, w, 3] uint8 RGB of ``view`` (alpha dropped, as the reference loaders do; a view into
