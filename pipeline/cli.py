@@ -264,7 +264,6 @@ def export_format_main(fmt: str, argv: Sequence[str] | None = None,
     """The command line of one exporter (``tools/export_<fmt>.py``, ``export <fmt>``)."""
     from pipeline.durable import OutputError
     from pipeline.export.common import ExportError, parse_size
-    from pipeline.reader import ShardError
 
     p = argparse.ArgumentParser(prog=prog, description=f'Export shards as {EXPORTERS[fmt]} '
                                 '(docs/EXPORT.md). Reruns resume; the output is the same on '
@@ -290,6 +289,10 @@ def export_format_main(fmt: str, argv: Sequence[str] | None = None,
         size = parse_size(getattr(args, 'size', None))
     except ValueError as e:
         p.error(str(e))
+    if getattr(args, 'chunk_mb', 1) <= 0:
+        p.error(f'--chunk-mb must be > 0, got {args.chunk_mb}')
+    if getattr(args, 'jpeg_quality', None) is not None and not 1 <= args.jpeg_quality <= 100:
+        p.error(f'--jpeg-quality must be in 1..100, got {args.jpeg_quality}')
     start = time.perf_counter()
     try:
         if fmt == 'pixelsplat':
@@ -304,13 +307,9 @@ def export_format_main(fmt: str, argv: Sequence[str] | None = None,
             from pipeline.export.nerfstudio import export_nerfstudio
             summary = export_nerfstudio(args.shards, args.out, args.splits, args.scenes,
                                         not args.no_progress)
-    except ValueError as e:
-        if not isinstance(e, ShardError):
-            p.error(str(e))
-        return _error(e)
     except OutputError as e:
         return _error(e, '(no partial file is visible; rerun to continue)')
-    except (ExportError, OSError) as e:
+    except (ExportError, OSError, ValueError) as e:  # ShardError, a corrupt tar: named by them
         return _error(e)
     seconds = time.perf_counter() - start
     for split, s in summary.items():

@@ -93,22 +93,6 @@ def render_range(directory: str, split: str = 'train', url_template: str | None 
     raise ShardError(f'{directory}: split {split!r} has no scenes to read near/far from')
 
 
-def read_evaluation_index(directory: str, split: str) -> dict[str, Any] | None:
-    """The split's carried evaluation index ``{sample key: {"context": [...], "target": [...]} |
-    null}`` (``<split>.evaluation_index.json``, written by the pixelSplat importer), or None."""
-    path = os.path.join(directory, f'{split}.evaluation_index.json')
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except ValueError as e:
-        raise ShardError(f'{path}: unreadable evaluation index ({e})') from None
-    if not isinstance(index, dict):
-        raise ShardError(f'{path}: an evaluation index maps sample keys to entries')
-    return index
-
-
 # ----------------------------------------------------------------------------- samples of a shard
 
 def open_url(url: str) -> BinaryIO:

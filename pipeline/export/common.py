@@ -66,6 +66,22 @@ def dataset_of(shards: str, split: str) -> str:
     return str(read_manifest(shards, split).get('dataset') or 'dataset')
 
 
+def read_evaluation_index(shards: str, split: str) -> dict[str, Any] | None:
+    """The split's carried evaluation index ``{sample key: {"context": [...], "target": [...]} |
+    null}`` (``<split>.evaluation_index.json`` next to the manifest, docs/SHARDS.md), or None."""
+    path = os.path.join(shards, f'{split}.evaluation_index.json')
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except ValueError as e:
+        raise ExportError(f'{path}: unreadable evaluation index ({e})') from None
+    if not isinstance(index, dict):
+        raise ExportError(f'{path}: an evaluation index maps sample keys to entries')
+    return index
+
+
 def split_samples(shards: str, split: str) -> Iterator[dict[str, Any]]:
     """The split's samples in manifest order (parse each with ``Scene`` when it is exported)."""
     for url in [url for url, _ in shard_table(shards, split)]:

@@ -23,10 +23,10 @@ import numpy as np
 
 from pipeline.durable import atomic_output, atomic_write
 from pipeline.export.common import (ExportError, dataset_of, export_splits, json_text,
-                                    prepare_output, progress_bar, split_samples, split_size,
-                                    view_image)
+                                    prepare_output, progress_bar, read_evaluation_index,
+                                    split_samples, split_size, view_image)
 from pipeline.export.conventions import pixelsplat_row
-from pipeline.reader import Scene, read_evaluation_index
+from pipeline.reader import Scene
 
 CHUNK_BYTES = int(1e8)  # real_estate_10k_tools' TARGET_BYTES_PER_CHUNK
 WORK = '.export'
@@ -109,7 +109,10 @@ def _flush(out: str, split: str, number: int, entries: list[dict[str, Any]]) -> 
     _save_chunk(os.path.join(out, split, name), entries)
     record = {'chunk': name, 'keys': [e['key'] for e in entries]}
     path = os.path.join(out, WORK, f'{split}.chunks.json')
-    done = json.loads(open(path).read()) if os.path.isfile(path) else []
+    done = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f)
     atomic_write(path, json_text(done + [record]), 'export progress record')
     return record
 
