@@ -107,12 +107,13 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def encode(pixels: np.ndarray, jpeg_quality: int | None) -> tuple[bytes, str]:
-    """PNG (lossless; Pillow's default level) or JPEG (``jpeg_quality``, 4:2:0) bytes of [h, w, 3]
+    """PNG (lossless, zlib level 3: 3x faster than Pillow's default 6 for <1% more bytes; OpenCV's
+    default, which LVSM's preprocessing uses) or JPEG (``jpeg_quality``, 4:2:0) bytes of [h, w, 3]
     uint8 pixels, and their extension; the same bytes on every run."""
     from PIL import Image
     buf = io.BytesIO()
     if jpeg_quality is None:
-        Image.fromarray(pixels).save(buf, format='PNG')
+        Image.fromarray(pixels).save(buf, format='PNG', compress_level=3)
         return buf.getvalue(), 'png'
     Image.fromarray(pixels).save(buf, format='JPEG', quality=jpeg_quality)
     return buf.getvalue(), 'jpg'
