@@ -124,7 +124,7 @@ def test_lvsms_loader_gives_the_shards_rays_from_another_cwd(name, shards_of, lv
                 assert close(o, (o_ref - A[:3, 3]) @ A[:3, :3] / s, 1e-8)
 
 
-@pytest.mark.parametrize('name', ['clevr3d', 're10k'])
+@pytest.mark.parametrize('name', DATASETS)
 def test_lvsm_reimport_gives_back_cameras_and_bytes(name, shards_of, lvsm_exported, tmp_path):
     shards = shards_of(name)
     convert(ConvertConfig(dataset='back', src=str(lvsm_exported[name]), out=str(tmp_path),
@@ -204,6 +204,12 @@ def test_nerfstudios_dataparser_gives_the_shards_rays(name, shards_of, tmp_path)
         assert image.shape[:2] == (h, w)
         o_ref, d_ref = C.image_rays(scene.K[v], scene.c2w[v], h, w)
         assert close(d, d_ref) and close(o, o_ref)
+    # a rerun resumes: a scene without transforms.json is redone, to the same bytes
+    done = (tmp_path / keys[0] / 'transforms.json').read_bytes()
+    (tmp_path / keys[0] / 'transforms.json').unlink()
+    assert export_format_main('nerfstudio', [str(shards), '--out', str(tmp_path), '--scenes',
+                                             *keys, '--no-progress']) == 0
+    assert (tmp_path / keys[0] / 'transforms.json').read_bytes() == done
     with pytest.raises(ExportError, match='no scene'):
         export_nerfstudio(str(shards), str(tmp_path / 'x'), scenes=['nope'], progress=False)
 

@@ -84,6 +84,7 @@ def psnr_of_jpeg(shards: str, chunks: str, views: int = 200) -> float:
 
 
 def bench(name: str, shards: str, work: str, quality: int) -> None:
+    import torch  # noqa: F401  (imported before the timing: not the exporters' cost)
     from pipeline.export.common import split_size
     from pipeline.export.lvsm import export_lvsm
     from pipeline.export.nerfstudio import export_nerfstudio
