@@ -145,6 +145,22 @@ def test_lvsm_reimport_gives_back_cameras_and_bytes(name, shards_of, lvsm_export
                 assert np.array_equal(got.image(v), scene.image(v))
 
 
+def test_lvsm_size_resizes_and_crops_with_exact_intrinsics(shards_of, tmp_path):
+    shards = shards_of('re10k')  # 72x128 and 60x80 views, JPEG: written as PNG
+    export_lvsm(str(shards), str(tmp_path), splits=['test'], size=(40, 40), progress=False)
+    theirs = lvsm_load(tmp_path / 'test' / 'full_list.txt')
+    for scene in scenes(shards, 'test'):
+        h, w = scene.image_size(0)
+        scale = max(40 / h, 40 / w)
+        rh, rw = round(h * scale), round(w * scale)
+        r0, c0 = (rh - 40) // 2, (rw - 40) // 2
+        for v, (image, fxfycxcy, c2w) in enumerate(theirs[scene.key]):
+            assert image.shape == (3, 40, 40)
+            o, d = lvsm_rays(fxfycxcy, c2w, 40, 40)
+            pts = (C.pixel_centers(40, 40) + [c0, r0]) * [w / rw, h / rh]
+            assert close(d, C.rays_from_image_points(scene.K[v], scene.c2w[v], pts)[1])
+
+
 def test_lvsm_resumes_and_refuses_other_settings(shards_of, lvsm_exported, tmp_path):
     shards = str(shards_of('re10k'))
     out = tmp_path / 'out'
