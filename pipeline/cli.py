@@ -1,4 +1,5 @@
-"""Command lines of the data tools: ``convert <format>``, ``inspect`` and ``make-synthetic``.
+"""Command lines of the data tools: ``convert <format>``, ``export <format>``, ``inspect`` and
+``make-synthetic``.
 
 Each is a ``*_main(argv) -> int`` function, run by the ``srt-shards`` console script
 (``srt/cli.py``) and by the ``tools/*.py`` wrappers the README names. Library code raises;
@@ -273,4 +274,84 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     print(f'{args.format}: {args.scenes} scenes ({splits}) in {result.root} in {seconds:.1f} s '
           f'({args.scenes / seconds:.2f} scenes/s); {result.num_images} colour images, mean '
           f'{result.mean_png_bytes / 1024:.1f} KiB')
+    return 0
+
+
+# `export <format>`: shards -> another project's format (pipeline/export/, docs/EXPORT.md).
+EXPORTERS = {
+    'pixelsplat': 'pixelSplat chunks (<out>/<split>/NNNNNN.torch + index.json; pixelSplat, '
+                  'MVSplat, DepthSplat)',
+    'lvsm': "LVSM scenes (<out>/<split>/full_list.txt, metadata/, images/; LVSM's "
+            'dataset_scene.py)',
+    'nerfstudio': 'nerfstudio captures (<out>/<key>/transforms.json + images/; ns-train, gsplat)',
+}
+
+
+def export_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards export') -> int:
+    """``export <format> SHARDS_DIR --out DIR [options]``: one of :data:`EXPORTERS`."""
+    p = argparse.ArgumentParser(prog=prog, description='Export shards to another project\'s '
+                                'format (docs/EXPORT.md). Options: ' + prog + ' <format> --help.')
+    p.add_argument('format', choices=EXPORTERS, help='; '.join(f'{k}: {v}'
+                                                             for k, v in EXPORTERS.items()))
+    p.add_argument('options', nargs=argparse.REMAINDER, help="the exporter's options")
+    args = p.parse_args(argv)
+    return export_format_main(args.format, args.options, prog=f'{prog} {args.format}')
+
+
+def export_format_main(fmt: str, argv: Sequence[str] | None = None,
+                       prog: str | None = None) -> int:
+    """The command line of one exporter (``tools/export_<fmt>.py``, ``export <fmt>``)."""
+    from pipeline.durable import OutputError
+    from pipeline.export.common import ExportError, parse_size
+
+    p = argparse.ArgumentParser(prog=prog, description=f'Export shards as {EXPORTERS[fmt]} '
+                                '(docs/EXPORT.md). Reruns resume; the output is the same on '
+                                'every run.')
+    p.add_argument('shards', help='shard directory (e.g. shards/msn)')
+    p.add_argument('--out', required=True, help='output directory (new, empty, or an earlier '
+                   'run of this export to resume)')
+    p.add_argument('--splits', nargs='+', help='splits to export (default: all; pixelSplat reads '
+                   'only train/ and test/)')
+    if fmt == 'pixelsplat':
+        p.add_argument('--chunk-mb', type=float, default=100.0, help='close a chunk once its '
+                       'image bytes reach this many MB (default 100, as RE10K\'s chunks)')
+        p.add_argument('--jpeg-quality', type=int, metavar='Q', help='re-encode PNG views as '
+                       'JPEG of quality Q (default: keep PNG; see docs/EXPORT.md for the cost)')
+    if fmt in ('pixelsplat', 'lvsm'):
+        p.add_argument('--size', metavar='HxW', help='resize and centre-crop every view to HxW, '
+                       'intrinsics adjusted (pixelSplat loads only 360x640)')
+    if fmt == 'nerfstudio':
+        p.add_argument('--scenes', nargs='+', metavar='KEY', help='only these sample keys')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    args = p.parse_args(argv)
+    try:
+        size = parse_size(getattr(args, 'size', None))
+    except ValueError as e:
+        p.error(str(e))
+    if getattr(args, 'chunk_mb', 1) <= 0:
+        p.error(f'--chunk-mb must be > 0, got {args.chunk_mb}')
+    if getattr(args, 'jpeg_quality', None) is not None and not 1 <= args.jpeg_quality <= 100:
+        p.error(f'--jpeg-quality must be in 1..100, got {args.jpeg_quality}')
+    start = time.perf_counter()
+    try:
+        if fmt == 'pixelsplat':
+            from pipeline.export.pixelsplat import export_pixelsplat
+            summary = export_pixelsplat(args.shards, args.out, args.splits,
+                                        int(args.chunk_mb * 1e6), size, args.jpeg_quality,
+                                        not args.no_progress)
+        elif fmt == 'lvsm':
+            from pipeline.export.lvsm import export_lvsm
+            summary = export_lvsm(args.shards, args.out, args.splits, size, not args.no_progress)
+        else:
+            from pipeline.export.nerfstudio import export_nerfstudio
+            summary = export_nerfstudio(args.shards, args.out, args.splits, args.scenes,
+                                        not args.no_progress)
+    except OutputError as e:
+        return _error(e, '(no partial file is visible; rerun to continue)')
+    except (ExportError, OSError, ValueError) as e:  # ShardError, a corrupt tar: named by them
+        return _error(e)
+    seconds = time.perf_counter() - start
+    for split, s in summary.items():
+        print(f'{split}: {s if isinstance(s, int) else s["scenes"]} scenes -> {args.out}')
+    print(f'{fmt} export done in {seconds:.1f} s')
     return 0

@@ -275,6 +275,13 @@ class Scene:
         """The source's per-view timestamps (e.g. RE10K microseconds), or None."""
         return self.meta.get('timestamps')
 
+    def image_bytes(self, view: int) -> bytes:
+        """The stored, encoded bytes of ``view`` (PNG or JPEG: ``image_format``), undecoded."""
+        name = rgb_member(view, self._ext)
+        if not 0 <= view < self.num_views or name not in self.sample:
+            raise ShardError(f'{self.where} view {view}: no {name} member')
+        return self.sample[name]
+
     def image(self, view: int) -> np.ndarray:
         """[h, w, 3] uint8 RGB of ``view`` (alpha dropped, as the reference loaders do; a view into
         the scene's pixels, not a copy)."""

@@ -1,6 +1,7 @@
 """The ``srt-shards`` console script: one command with a subcommand per tool.
 
-    srt-shards convert nmr|obsurf|msn|nerfstudio|co3d ...   a source dataset -> shards
+    srt-shards convert nmr|obsurf|msn|pixelsplat|lvsm|nerfstudio|co3d ...   a source dataset -> shards
+    srt-shards export pixelsplat|lvsm|nerfstudio SHARDS_DIR --out DIR   shards -> another format
     srt-shards inspect DIR [--verify] [--contact-sheet OUT.png]
     srt-shards make-synthetic --format F --out DIR --scenes N
     srt-shards demo                                the end-to-end CPU demo
@@ -23,7 +24,9 @@ PROG = 'srt-shards'
 COMMANDS = {
     'convert': ('pipeline.cli', 'convert_main',
                 'convert a source dataset into WebDataset shards '
-                '(convert nmr|obsurf|msn|nerfstudio|co3d ...)'),
+                '(convert nmr|obsurf|msn|pixelsplat|lvsm|nerfstudio|co3d ...)'),
+    'export': ('pipeline.cli', 'export_main',
+               "export shards to another project's format (export pixelsplat|lvsm|nerfstudio ...)"),
     'inspect': ('pipeline.cli', 'inspect_main', 'summarise, verify or preview a shard directory'),
     'make-synthetic': ('pipeline.cli', 'make_synthetic_main',
                        "render CLEVR-like scenes in a real dataset's on-disk format"),

@@ -118,3 +118,28 @@ def losses(run):
     """{iteration: (loss, lr)} from a run directory's metrics.jsonl."""
     records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     return {r['it']: (r['loss'], r['lr']) for r in records if 'loss' in r}
+
+
+@pytest.fixture(scope='session')
+def shards_of(tmp_path_factory):
+    """shards_of(name) -> a shard directory, converted once per session: 'nmr', 'clevr3d', 'msn'
+    (the test vectors) or 're10k' (synthetic pixelSplat chunks with an evaluation index, imported)."""
+    from pipeline.convert import ConvertConfig, convert
+    made = {}
+
+    def make(name):
+        if name not in made:
+            out = tmp_path_factory.mktemp(f'{name}_shards')
+            if name == 're10k':
+                from pipeline.synthetic import write_re10k
+                src = tmp_path_factory.mktemp('re10k_src') / 're10k'
+                write_re10k(src, 6, 3, split_sizes={'train': 2, 'test': 4}, scenes_per_chunk=2,
+                            views=(5, 7), workers=1)
+                convert(ConvertConfig(dataset='re10k', src=str(src), out=str(out), progress=False,
+                                      source_format='pixelsplat'))
+            else:
+                convert(ConvertConfig(dataset=name, src=str(TESTVECTORS / 'sources' / name),
+                                      out=str(out), progress=False))
+            made[name] = out
+        return made[name]
+    return make

@@ -24,3 +24,8 @@ def test_bench_loader_prints_its_table(tmp_path):
 def test_bench_convert_prints_its_ratios(tmp_path):
     out = run_tool('tools/bench_convert.py', '--workdir', tmp_path, '--scenes', 12)
     assert 'raw scan' in out and 'shard bytes / source bytes' in out
+
+
+def test_bench_export_prints_its_ratios(shards_of, tmp_path):
+    out = run_tool('tools/bench_export.py', '--shards', shards_of('clevr3d'), '--workdir', tmp_path)
+    assert 'x floor' in out and 'nerfstudio' in out and 'JPEG PSNR' in out

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import CONVERTERS, convert_main, inspect_main
+from pipeline.cli import CONVERTERS, EXPORTERS, convert_main, inspect_main
 from srt.cli import COMMANDS, main
 from tests.conftest import ROOT
 
@@ -42,7 +42,8 @@ def test_every_console_script_answers_help(capsys):
             assert command in out
 
 
-@pytest.mark.parametrize('argv', [[c] for c in COMMANDS] + [['convert', f] for f in CONVERTERS])
+@pytest.mark.parametrize('argv', [[c] for c in COMMANDS] + [['convert', f] for f in CONVERTERS]
+                         + [['export', f] for f in EXPORTERS])
 def test_every_subcommand_answers_help_under_its_name(argv, capsys):
     argv0 = sys.argv[0]
     out = help_text(main, [*argv, '--help'], capsys)
