@@ -172,7 +172,7 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo)')
+                        '32x32, 1-2 plain objects, a ring of cameras (the CPU demo)')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
                    help='number of scenes over all splits (80/10/10 train/val/test; MSN: '

@@ -24,30 +24,30 @@ dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
 from __future__ import annotations
 
 from pipeline.schema import SYNTHETIC_MARKER
-from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_VIEWS, NMR_CLASSES, NMR_SIZE,
-                                       NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
+from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_SIZES, MSN_VIEWS, NMR_CLASSES,
+                                       NMR_SIZE, NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
                                        OBSURF_WIDTH, WriteResult, check_format,
-                                       default_split_sizes, png_bytes, render_scene, save_npz,
-                                       scene_cameras)
+                                       default_split_sizes, msn_scene_index, png_bytes,
+                                       render_scene, save_npz, scene_cameras)
 from pipeline.synthetic.msn import msn_features, write_msn
 from pipeline.synthetic.nmr import write_nmr
 from pipeline.synthetic.obsurf import write_obsurf
 from pipeline.synthetic.raycast import render, render_rays, render_views, trace
 from pipeline.synthetic.rigs import (NMR_FOCAL, msn_cameras, msn_intrinsics, nmr_cameras,
-                                     nmr_intrinsics, obsurf_camera_positions)
+                                     nmr_intrinsics, obsurf_camera_positions, ring_cameras)
 from pipeline.synthetic.scene import (CATEGORY_NAMES, KINDS, SPLITS, STREAM_CAMERAS,
                                       STREAM_NOISE, STREAM_SCENE, STYLES, Scene, SceneStyle,
-                                      sample_scene, scene_rng)
+                                      sample_scene, scene_rng, without_objects)
 
 __all__ = [
     'CATEGORY_NAMES', 'FORMATS', 'KINDS', 'MSN_SIZE', 'MSN_VIEWS', 'NMR_CLASSES', 'NMR_FOCAL',
     'NMR_SIZE', 'NMR_VIEWS', 'OBSURF', 'OBSURF_HEIGHT', 'OBSURF_VIEWS', 'OBSURF_WIDTH', 'SPLITS',
     'STREAM_CAMERAS', 'STREAM_NOISE', 'STREAM_SCENE', 'STYLES', 'SYNTHETIC_MARKER', 'Scene',
     'SceneStyle', 'WriteResult', 'default_split_sizes', 'msn_cameras', 'msn_features',
-    'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
-    'render', 'render_rays', 'render_scene', 'render_views', 'sample_scene', 'save_npz',
-    'scene_cameras', 'scene_rng', 'trace', 'write_msn', 'write_nmr', 'write_obsurf',
-    'write_synthetic',
+    'msn_intrinsics', 'msn_scene_index', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
+    'render', 'render_rays', 'render_scene', 'render_views', 'ring_cameras', 'sample_scene',
+    'save_npz', 'scene_cameras', 'scene_rng', 'trace', 'without_objects', 'write_msn', 'write_nmr',
+    'write_obsurf', 'write_synthetic',
 ]
 
 
@@ -58,7 +58,7 @@ def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs)
     check_format(fmt)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
-    if fmt in ('msn', 'msn-demo'):
+    if fmt in MSN_SIZES:
         return write_msn(out_dir, num_scenes, seed, variant=fmt, **kwargs)
     return write_obsurf(out_dir, num_scenes, seed, variant='clevr3d' if fmt == 'obsurf' else 'msn',
                         **kwargs)
