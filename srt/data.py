@@ -55,6 +55,8 @@ class DataConfig:
     num_input_views: int = NUM_MSN_INPUT_VIEWS  # MSN: input views per scene (the reference's 5; ours to change)
     train_on_inputs: bool = False  # MSN, training only: the input views are targets too (ours;
     # evaluation always scores the other views)
+    object_masks: bool = False  # evaluation only (ours, not a YAML key): items carry which target
+    # pixels show an object and where the scene came from (srt/objects.py)
 
     def __post_init__(self):
         self.dataset = DATASET_ALIASES.get(self.dataset, self.dataset)
@@ -150,6 +152,9 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     }
     if cfg.canonical_view:
         item['transform'] = T.astype(np.float32)
+    if cfg.object_masks:
+        from srt.objects import object_fields
+        item.update(object_fields(scene, targets, flat))
     return item
 
 
