@@ -61,6 +61,17 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert (out / path).stat().st_size > 0, path
     header = (out / 'heldout_scenes.csv').read_text().splitlines()[0].split(',')
     assert {'psnr', 'object_psnr', 'ssim', 'blind_psnr', 'blind_object_psnr'} <= set(header)
+    # python -m srt.evaluate reports the same object metrics on the same held-out items.
+    ev = subprocess.run([sys.executable, '-m', 'srt.evaluate', '--shards', str(out / 'shards'),
+                         '--checkpoint', str(out / 'run/model.pt'), '--max-eval', '2', '--out',
+                         str(tmp_path / 'eval')], cwd=ROOT, capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert 'object-blind render' in ev.stdout
+    result = json.loads((tmp_path / 'eval/test_summary.json').read_text())
+    for key, (name, demo_key) in {'object_psnr': ('trained', 'object_psnr'),
+                                  'blind_psnr': ('object_blind', 'psnr'),
+                                  'blind_object_psnr': ('object_blind', 'object_psnr')}.items():
+        assert abs(result[key] - summary[name][demo_key]) < 1e-3, key
     with av.open(str(out / 'video/video.mp4')) as container:
         assert sum(1 for _ in container.decode(video=0)) == 4
     # Rerunning reuses the rendered source and the finished run.
