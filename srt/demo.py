@@ -251,8 +251,10 @@ def print_summary(out: str, summary: dict) -> None:
     print(f'shards         {out}/shards  (dataset card: {out}/shards/README.md)')
     print(f'checkpoint     {run_dir}/model.pt  ({summary["iterations"]} iterations)')
     print(f'metrics        {run_dir}/metrics.jsonl')
-    print(f'pictures       {out}/heldout.png (inputs | SRT | truth | no objects), '
-          f'{run_dir}/renders-val.png, {out}/contact_sheet.png')
+    pictures = [f'{out}/heldout.png (inputs | SRT | truth | no objects)']
+    pictures += [p for p in (f'{run_dir}/renders-val.png', f'{out}/contact_sheet.png')
+                 if os.path.exists(p)]  # the run draws renders every visualize_every steps
+    print('pictures       ' + ', '.join(pictures))
     print(f'video          {video_dir}/video.mp4 ({summary["video_frames_decoded"]} frames decoded '
           'back)')
     print(f'\nheld-out test scenes: {summary["trained"]["scenes"]} (full target views; per scene in '
