@@ -243,9 +243,9 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo); re10k: pixelSplat chunks of '
-                        'RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips (PNG); '
-                        'dl3dv: DL3DV-like nerfstudio captures; co3d: CO3D v2-like categories')
+                        '32x32, 1-2 plain objects, a ring of cameras (the CPU demo); re10k: pixelSplat '
+                        'chunks of RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips '
+                        '(PNG); dl3dv: DL3DV-like nerfstudio captures; co3d: CO3D v2-like categories')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
                    help='number of scenes over all splits (80/10/10 train/val/test; MSN, '

@@ -67,6 +67,8 @@ class DataConfig:
     # evaluation always scores the other views)
     num_target_views: int | None = None  # generic mode: target views per item (None: the others)
     input_size: list[int] | None = None  # [h, w]: resize input views to it, K scaled (None: keep)
+    object_masks: bool = False  # evaluation only (ours, not a YAML key): items carry which target
+    # pixels show an object and where the scene came from (srt/objects.py)
 
     def __post_init__(self):
         self.dataset = DATASET_ALIASES.get(self.dataset, self.dataset)
@@ -212,6 +214,9 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     }
     if cfg.canonical_view:
         item['transform'] = T.astype(np.float32)
+    if cfg.object_masks:
+        from srt.objects import object_fields
+        item.update(object_fields(scene, targets, flat))
     return item
 
 

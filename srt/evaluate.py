@@ -1,12 +1,17 @@
 """Evaluation: PSNR as the reference defines it (per item from its MSE, then averaged) and SSIM
 (on full images, i.e. with full_scale). Used by the trainer's validation and by
-``python -m srt.evaluate``; results are gathered over DDP ranks."""
+``python -m srt.evaluate``; results are gathered over DDP ranks.
+
+Where the shards store category images (MSN format), ``python -m srt.evaluate`` also reports the
+PSNR over the object pixels, and for shards of a generated source the object-blind baseline (the
+same views rendered by the generator without objects): per scene and averaged (srt/objects.py)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,15 +27,21 @@ from srt.checkpoint import CheckpointError, load_for_evaluation
 from srt.data import to_model_inputs
 from srt.distributed import gather_lists, setup_distributed, shutdown
 from srt.loader import EvalStream, loader, shard_table
-from srt.metrics import mse2psnr, ssim
+from srt.metrics import mse2psnr, nanmean, ssim
 from srt.model.rendering import render_rays
+from srt.objects import (OBJECT_METRICS, generator_of, has_object_masks, object_blind_pixels,
+                         object_scores)
 
 
 @torch.no_grad()
 def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: dict[str, Any],
              autocast=contextlib.nullcontext, full_scale: bool = False, chunk: int = 16384,
-             progress=None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Returns (summary, per-item records) over all ranks. ``model`` is the unwrapped SRT."""
+             progress=None, object_blind=None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Returns (summary, per-item records) over all ranks. ``model`` is the unwrapped SRT.
+
+    Batches with object masks (``DataConfig.object_masks``) also get the object metrics
+    (``srt.objects.object_scores``); ``object_blind`` (batch -> [b, p, 3] pixels, e.g.
+    ``partial(srt.objects.object_blind_pixels, fmt, seed)``) adds the object-blind baseline's."""
     was_training = model.training
     model.eval()
     records = []
@@ -47,12 +58,15 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
         item = {'mse': mse, 'psnr': mse2psnr(mse)}
         if 'coarse_img' in extras:
             item['coarse_mse'] = ((extras['coarse_img'].float() - target) ** 2).mean(dim=(1, 2))
-        if full_scale:
-            h, w = (int(v) for v in batch['target_hw'][0])
+        hw = tuple(int(v) for v in batch['target_hw'][0]) if full_scale else None
+        if hw is not None:
+            h, w = hw
             b = pred.shape[0]
             t = pred.shape[1] // (h * w)
             s = ssim(pred.clamp(0, 1).reshape(b * t, h, w, 3), target.reshape(b * t, h, w, 3))
             item['ssim'] = s.reshape(b, t).mean(dim=1)
+        if 'target_objects' in batch:
+            item.update(object_scores(pred, target, batch, object_blind, hw))
         values = {k: v.cpu().numpy() for k, v in item.items()}
         for i in range(len(batch['scene_key'])):
             records.append({'scene_key': batch['scene_key'][i],
@@ -74,6 +88,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     for key in ('psnr', 'mse', 'ssim', 'coarse_mse'):
         if key in records[0]:
             out[key] = float(np.mean([r[key] for r in records]))
+    for key in OBJECT_METRICS:  # NaN for items without object pixels: skipped
+        if key in records[0]:
+            out[key] = nanmean(r[key] for r in records)
     return out
 
 
@@ -125,23 +142,40 @@ def write_report(out: str, split: str, summary: dict[str, Any], records: list[di
     for r in records:
         per_scene.setdefault((r['scene_index'], r['scene_key']), []).append(r)
     csv_path = os.path.join(out, f'{split}_scenes.csv')
-    metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse') if k in records[0]]
+    metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse', *OBJECT_METRICS) if k in records[0]]
     with open(csv_path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['scene_index', 'scene_key', 'items', *metrics])
         for (index, key), rs in sorted(per_scene.items()):
-            w.writerow([index, key, len(rs), *(f'{np.mean([r[m] for r in rs]):.6f}'
+            w.writerow([index, key, len(rs), *(f'{nanmean(r[m] for r in rs):.6f}'
                                                for m in metrics)])
     with open(os.path.join(out, f'{split}_summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return csv_path
 
 
+def object_note(summary: dict[str, Any], objects: bool, blind: bool) -> str:
+    """The object metrics' line of ``python -m srt.evaluate`` (what was measured, or why not)."""
+    if not objects:
+        return 'object-pixel PSNR: not measured (the shards store no category images)'
+    line = f'object-pixel PSNR {summary["object_psnr"]:.3f} dB'
+    if not blind:
+        return line + ('; object-blind baseline: not measured (not shards of a generated MSN-format '
+                       'source on this machine)')
+    return (line + f'; object-blind render: PSNR {summary["blind_psnr"]:.3f} dB, object-pixel '
+            f'PSNR {summary["blind_object_psnr"]:.3f} dB (model - blind on object pixels: '
+            f'{summary["object_psnr"] - summary["blind_object_psnr"]:+.2f} dB)')
+
+
 def run(args: argparse.Namespace) -> None:
     rank, world, device = setup_distributed()
     model, cfg, ckpt = load_for_evaluation(args.checkpoint, args.shards, args.config, device)
     full = not args.sampled
-    data = dataclasses.replace(cfg.data, full_scale=full,
+    objects = has_object_masks(args.shards, args.split)  # category images: object-pixel PSNR
+    generator = generator_of(args.shards, args.split) if objects else None
+    blind = (functools.partial(object_blind_pixels, generator['format'], int(generator['seed']))
+             if generator else None)
+    data = dataclasses.replace(cfg.data, full_scale=full, object_masks=objects,
                                num_points=args.num_points or cfg.data.num_points)
     seed = args.seed if args.seed is not None else cfg.training.seed
     stream = EvalStream(data, shard_table(args.shards, args.split), args.batch_size, rank=rank,
@@ -151,7 +185,7 @@ def run(args: argparse.Namespace) -> None:
     summary, records = evaluate(model, loader(stream, args.workers), device,
                                 runtime.render_kwargs(cfg, args.shards),
                                 runtime.autocast(device, args.precision), full_scale=full,
-                                progress=bar)
+                                progress=bar, object_blind=blind)
     bar.close()
     lpips_fn, lpips_note = lpips_metric(device) if full else (None, 'LPIPS needs full images')
     if rank == 0:
@@ -163,6 +197,7 @@ def run(args: argparse.Namespace) -> None:
         print(f'{args.split}: {summary["scenes"]} scenes, {summary["items"]} items: PSNR '
               f'{summary["psnr"]:.3f} dB' + (f', SSIM {summary["ssim"]:.4f}' if 'ssim' in summary
                                              else '') + f'\n{lpips_note}\nper-scene CSV: {csv_path}')
+        print(object_note(summary, objects, generator is not None))
 
 
 def main(argv=None) -> int:

@@ -324,3 +324,25 @@ def test_chunked_rendering_matches_one_pass(config):
     for key, value in flat_extras.items():
         assert extras[key].shape == (2, 5, 7, *value.shape[2:])
         torch.testing.assert_close(extras[key].reshape(value.shape), value, atol=1e-6, rtol=1e-6)
+
+
+def test_narrow_model_options_shape_the_model():
+    """The demo's small-model options (latent width, conv width, code octaves) change the shapes they
+    name, and the encoder and decoder widths must agree."""
+    kw = {'latent_dim': 192, 'pos_octaves': 8, 'ray_octaves': 6}
+    model = SRT(ModelConfig(encoder='isrt', encoder_kwargs={'num_conv_blocks': 2, 'num_att_blocks': 1,
+                                                           'conv_dim': 16, **kw},
+                            decoder='lightfield', decoder_kwargs={'num_att_blocks': 1, **kw}))
+    assert model.encoder.conv_blocks[0].layers[0].weight.shape == (16, 3 + 6 * 8 + 6 * 6, 3, 3)
+    assert model.encoder.per_patch_linear.weight.shape[:2] == (192, 64)
+    assert model.decoder.ray_predictor.query_encoder.out_dim == 6 * 8 + 6 * 6
+    images, rays = torch.rand(2, 2, 3, 16, 16), F.normalize(torch.randn(2, 2, 16, 16, 3), dim=-1)
+    z = model.encoder(images, torch.randn(2, 2, 3), rays)
+    assert z.shape == (2, 2 * 4 * 4, 192)
+    pixels, _ = model.decoder(z, torch.randn(2, 5, 3), F.normalize(torch.randn(2, 5, 3), dim=-1))
+    assert pixels.shape == (2, 5, 3)
+    with pytest.raises(ValueError, match='encoder_kwargs.latent_dim.*decoder_kwargs.latent_dim'):
+        ModelConfig(encoder='isrt', encoder_kwargs={'latent_dim': 192}, decoder='lightfield')
+    with pytest.raises(ValueError, match='multiple of 64'):
+        SRT(ModelConfig(encoder='isrt', encoder_kwargs={'latent_dim': 100},
+                        decoder='lightfield', decoder_kwargs={'latent_dim': 100}))

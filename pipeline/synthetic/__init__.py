@@ -28,11 +28,11 @@ dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
 from __future__ import annotations
 
 from pipeline.schema import SYNTHETIC_MARKER
-from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_VIEWS, NMR_CLASSES, NMR_SIZE,
-                                       NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
+from pipeline.synthetic.common import (FORMATS, MSN_SIZE, MSN_SIZES, MSN_VIEWS, NMR_CLASSES,
+                                       NMR_SIZE, NMR_VIEWS, OBSURF, OBSURF_HEIGHT, OBSURF_VIEWS,
                                        OBSURF_WIDTH, VIDEO_FORMATS, WriteResult, check_format,
-                                       default_split_sizes, png_bytes, render_scene, save_npz,
-                                       scene_cameras, video_size)
+                                       default_split_sizes, msn_scene_index, png_bytes,
+                                       render_scene, save_npz, scene_cameras, video_size)
 from pipeline.synthetic.lvsm import write_lvsm
 from pipeline.synthetic.co3d import co3d_sequence, write_co3d
 from pipeline.synthetic.dl3dv import dl3dv_capture, write_dl3dv
@@ -42,10 +42,11 @@ from pipeline.synthetic.obsurf import write_obsurf
 from pipeline.synthetic.re10k import evaluation_entry, jpeg_bytes, video_key, write_re10k
 from pipeline.synthetic.raycast import render, render_rays, render_views, trace
 from pipeline.synthetic.rigs import (NMR_FOCAL, msn_cameras, msn_intrinsics, nmr_cameras,
-                                     nmr_intrinsics, obsurf_camera_positions, video_cameras)
+                                     nmr_intrinsics, obsurf_camera_positions, ring_cameras,
+                                     video_cameras)
 from pipeline.synthetic.scene import (CATEGORY_NAMES, KINDS, SPLITS, STREAM_CAMERAS,
                                       STREAM_NOISE, STREAM_SCENE, STYLES, Scene, SceneStyle,
-                                      sample_scene, scene_rng)
+                                      sample_scene, scene_rng, without_objects)
 
 __all__ = [
     'CATEGORY_NAMES', 'FORMATS', 'KINDS', 'MSN_SIZE', 'MSN_VIEWS', 'NMR_CLASSES', 'NMR_FOCAL',
@@ -53,11 +54,12 @@ __all__ = [
     'STREAM_CAMERAS', 'STREAM_NOISE', 'STREAM_SCENE', 'STYLES', 'SYNTHETIC_MARKER', 'Scene',
     'SceneStyle', 'VIDEO_FORMATS', 'WriteResult', 'co3d_sequence', 'default_split_sizes',
     'dl3dv_capture', 'evaluation_entry', 'jpeg_bytes', 'msn_cameras', 'msn_features',
-    'msn_intrinsics', 'nmr_cameras', 'nmr_intrinsics', 'obsurf_camera_positions', 'png_bytes',
-    'render', 'render_rays', 'render_scene', 'render_views', 'sample_scene', 'save_npz',
-    'scene_cameras', 'scene_rng', 'trace', 'video_cameras', 'video_key', 'video_size',
-    'write_co3d', 'write_dl3dv', 'write_lvsm', 'write_msn', 'write_nmr', 'write_obsurf',
-    'write_re10k', 'write_synthetic',
+    'msn_intrinsics', 'msn_scene_index', 'nmr_cameras', 'nmr_intrinsics',
+    'obsurf_camera_positions', 'png_bytes', 'render', 'render_rays', 'render_scene',
+    'render_views', 'ring_cameras', 'sample_scene', 'save_npz', 'scene_cameras', 'scene_rng',
+    'trace', 'video_cameras', 'video_key', 'video_size', 'without_objects', 'write_co3d',
+    'write_dl3dv', 'write_lvsm', 'write_msn', 'write_nmr', 'write_obsurf', 'write_re10k',
+    'write_synthetic',
 ]
 
 
@@ -78,7 +80,7 @@ def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs)
         return write_co3d(out_dir, num_scenes, seed, **kwargs)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
-    if fmt in ('msn', 'msn-demo'):
+    if fmt in MSN_SIZES:
         return write_msn(out_dir, num_scenes, seed, variant=fmt, **kwargs)
     return write_obsurf(out_dir, num_scenes, seed, variant='clevr3d' if fmt == 'obsurf' else 'msn',
                         **kwargs)

@@ -28,8 +28,9 @@ from pipeline import cameras as C
 from pipeline.schema import SYNTHETIC_MARKER
 from pipeline.synthetic.raycast import render_views
 from pipeline.synthetic.rigs import (msn_cameras, nmr_cameras, obsurf_camera_positions,
-                                     video_cameras)
-from pipeline.synthetic.scene import SPLITS, STREAM_CAMERAS, sample_scene, scene_rng
+                                     ring_cameras, video_cameras)
+from pipeline.synthetic.scene import (SPLITS, STREAM_CAMERAS, sample_scene, scene_rng,
+                                      without_objects)
 
 FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 're10k', 'lvsm', 'dl3dv', 'co3d')
 
@@ -53,8 +54,10 @@ VIDEO_SIZE, VIDEO_ODD_SIZE, VIDEO_VIEWS = (72, 128), (60, 80), (8, 14)
 
 _STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn',
           'msn-demo': 'demo', 're10k': 'msn', 'lvsm': 'msn'}
-# 'msn-demo': the MSN layout at a CPU-friendly size with the plain 'demo' scene style.
-MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 64}
+# 'msn-demo': the MSN layout at 32x32 with the plain 'demo' scene style and a ring of cameras.
+MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 32}
+# Ring rigs (rigs.ring_cameras): distance, elevation (degrees) and height of the point looked at.
+MSN_RINGS = {'msn-demo': (5.5, 30.0, 0.5)}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
 
 
@@ -91,7 +94,7 @@ def default_split_sizes(fmt: str, num_scenes: int) -> dict[str, int]:
         raise ValueError(f'num_scenes must be >= 0, got {num_scenes}')
     if fmt == 'dl3dv':
         return {'train': num_scenes}
-    if fmt in ('msn', 'msn-demo') + VIDEO_FORMATS:
+    if fmt in tuple(MSN_SIZES) + VIDEO_FORMATS:
         m = math.ceil(num_scenes / 10) if num_scenes >= 2 else 0
         return {'train': num_scenes - m, 'test': m}
     m = math.ceil(num_scenes / 10) if num_scenes >= 3 else 0
@@ -155,9 +158,11 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int,
         return {'K': np.stack([c[0] for c in cams]),
                 'world_from_cam': np.stack([c[1] for c in cams]), 'camera_pos': pos}
     size = MSN_SIZES[fmt]
-    # The demo's cameras are closer, so that its few objects fill more of the small images.
-    distance = (6.5, 8.5) if fmt == 'msn-demo' else (9.0, 13.0)
-    K, poses = msn_cameras(rng, MSN_VIEWS, size, size, distance=distance)
+    if fmt in MSN_RINGS:  # the demo: a ring close to its few central objects
+        d, el, tz = MSN_RINGS[fmt]
+        K, poses = ring_cameras(rng, MSN_VIEWS, size, size, d, el, tz)
+    else:
+        K, poses = msn_cameras(rng, MSN_VIEWS, size, size)
     Rt = [C.opencv_to_sunds(p) for p in poses]
     R = np.stack([r for r, _ in Rt]).astype(np.float32)
     t = np.stack([t for _, t in Rt]).astype(np.float32)
@@ -168,18 +173,37 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int,
 
 
 def render_scene(fmt: str, seed: int, split: str, index: int, *, noise: bool = True,
-                 views: tuple[int, int] | None = None) -> dict:
+                 views: tuple[int, int] | None = None, objects: bool = True) -> dict:
     """Scene ``index`` of ``split`` as the writer of ``fmt`` renders it: 'scene' (``scene.Scene``), the
     ``scene_cameras`` entries, and the stacked ``raycast.render`` outputs 'rgb' [v, h, w, 3], 'depth',
-    'object_id', 'category' [v, h, w]. ``noise=False`` renders without the per-pixel noise."""
+    'object_id', 'category' [v, h, w]. ``noise=False`` renders without the per-pixel noise;
+    ``objects=False`` renders the scene with its objects removed (``scene.without_objects``: ground
+    and sky exactly as in the stored views, no objects and no shadows), the object-blind baseline."""
     cams = scene_cameras(fmt, seed, split, index, views)
     scene = sample_scene(_STYLE[fmt], seed, split, index)
+    if not objects:
+        scene = without_objects(scene)
     h, w = cams['size'] if 'size' in cams else \
-        {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE),
-         'msn-demo': (MSN_SIZES['msn-demo'],) * 2}.get(fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
+        ((NMR_SIZE, NMR_SIZE) if fmt == 'nmr' else (MSN_SIZES[fmt],) * 2 if fmt in MSN_SIZES
+         else (OBSURF_HEIGHT, OBSURF_WIDTH))
     views = render_views(scene, cams['K'], cams['world_from_cam'], h, w, noise=noise, seed=seed,
                            split=split, index=index)
     return {'scene': scene, **cams, **views}
+
+
+def msn_scene_index(name: str, split: str) -> int:
+    """The generator's scene index of MSN scene ``name`` ('scene_<n>', numbered from
+    ``MSN_SCENE_OFFSET[split]``) of ``split``."""
+    prefix = 'scene_'
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        raise ValueError(f'{name!r} is not a generated MSN scene name (scene_<n>)')
+    if split not in MSN_SCENE_OFFSET:
+        raise ValueError(f'{name!r}: unknown MSN split {split!r} (one of {sorted(MSN_SCENE_OFFSET)})')
+    index = int(name[len(prefix):]) - MSN_SCENE_OFFSET[split]
+    if index < 0:
+        raise ValueError(f'{name!r} is not a scene of split {split!r} (numbers from '
+                         f'{MSN_SCENE_OFFSET[split]})')
+    return index
 
 
 def png_bytes(image: np.ndarray) -> bytes:

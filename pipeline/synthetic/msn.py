@@ -6,8 +6,8 @@ camera_from_frame (``cameras.opencv_to_sunds``), identity frame ``pose``, ``scen
 XXXXX-of-YYYYY`` and ``dataset_info.json``. Splits ``train`` and ``test`` as in MSN 2.3.3 (the
 reference's training script evaluates on split ``val``: pass ``split_sizes`` with a ``val`` entry
 to write one). Scene numbers: train from 0, val from 400000, test from 500000 (the test vector's
-test scenes are ``scene_5000xx``). Variant ``msn-demo``: the same layout at 64x64 with the plain
-'demo' scene style.
+test scenes are ``scene_5000xx``). Variant ``msn-demo``: the same layout at 32x32 with the plain
+'demo' scene style (1-2 objects near the centre) and a ring of cameras (``rigs.ring_cameras``).
 
 Only ``write_msn`` and ``msn_features`` import TensorFlow / tensorflow_datasets, inside the function.
 """

@@ -274,7 +274,8 @@ def render_rays(scene: Scene, origin: np.ndarray, directions: np.ndarray) -> dic
         light = scene.ambient + (1.0 - scene.ambient) * np.where(shadow, 0.0, lambert)
         radiance[surf] = albedo * light[:, None]
     object_id = np.where((hit >= 0) & (hit < n), hit + 1, 0)
-    category = np.where(object_id > 0, scene.category[np.clip(hit, 0, max(n - 1, 0))], 0)
+    category = (np.where(object_id > 0, scene.category[np.clip(hit, 0, n - 1)], 0) if n
+                else np.zeros_like(object_id))  # no object: nothing to index
     return {'radiance': np.clip(radiance, 0.0, 1.0), 'depth': t, 'object_id': object_id,
             'category': category}
 

@@ -1,5 +1,6 @@
 """Camera rigs of the synthetic datasets, as the real datasets place their cameras: DVR's circle
-(NMR), ObSuRF's look-at-origin positions and MultiShapeNet's half-sphere shell. Cameras are K
+(NMR), ObSuRF's look-at-origin positions and MultiShapeNet's half-sphere shell, and the demo's
+NMR-like ring (``ring_cameras``). Cameras are K
 [v, 3, 3] in pixels and world_from_cam [v, 4, 4] with OpenCV axes (``pipeline.cameras``), z up."""
 from __future__ import annotations
 
@@ -102,3 +103,19 @@ def video_cameras(rng, num_views: int, height: int, width: int,
     K = np.array([[f, 0.0, width * (0.5 + rng.uniform(-0.02, 0.02))],
                   [0.0, f, height * (0.5 + rng.uniform(-0.02, 0.02))], [0.0, 0.0, 1.0]])
     return np.broadcast_to(K, (num_views, 3, 3)).copy(), np.stack(poses)
+
+
+def ring_cameras(rng, num_views: int, height: int, width: int, distance: float,
+                 elevation_deg: float, target_z: float = 0.0, focal_px: float = 140.0):
+    """An NMR-like ring: ``num_views`` cameras at one elevation (degrees) and distance (world
+    units) from the point (0, 0, ``target_z``), azimuths evenly spaced from a random start, level
+    and looking at that point (z up). ``focal_px`` is MSN's focal length for 128 px images, scaled
+    to the image size. Returns (K [v, 3, 3], world_from_cam [v, 4, 4])."""
+    az = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(num_views) / num_views
+    el = math.radians(elevation_deg)
+    target = np.array([0.0, 0.0, target_z])
+    eyes = target + distance * np.stack([np.cos(az) * math.cos(el), np.sin(az) * math.cos(el),
+                                         np.full(num_views, math.sin(el))], -1)
+    poses = np.stack([C.look_at(e, target) for e in eyes])
+    K = msn_intrinsics(height, width, focal_px)
+    return np.broadcast_to(K, (num_views, 3, 3)).copy(), poses

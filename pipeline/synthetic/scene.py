@@ -56,9 +56,10 @@ STYLES = {
     # NMR (ShapeNet renders): 1-3 objects centred at the origin, white background.
     'nmr': SceneStyle(num_objects=(1, 3), extent=0.5, radius=(0.15, 0.3),
                       white_background=True, noise_std=1.5),
-    # The CPU demo: few large plain objects on a plain ground under a plain sky, so that a small
-    # SRT learns them within minutes (MSN layout at 64x64, format 'msn-demo').
-    'demo': SceneStyle(num_objects=(2, 4), extent=2.2, radius=(0.7, 1.1), noise_std=0.0,
+    # The CPU demo (format 'msn-demo'): one or two large plain objects near the centre on a plain
+    # ground, seen by a ring of cameras (``rigs.ring_cameras``), so that a small SRT learns to
+    # render them within minutes on two CPU cores (docs/SYNTHETIC.md, README "Results").
+    'demo': SceneStyle(num_objects=(1, 2), extent=0.9, radius=(0.7, 1.1), noise_std=0.0,
                        textured=False),
 }
 
@@ -112,6 +113,15 @@ class Scene:
     def category(self) -> np.ndarray:
         """Category id per object [n] (1 sphere, 2 box, 3 cylinder; 0 is the background)."""
         return self.kind + 1
+
+
+def without_objects(scene: Scene) -> Scene:
+    """The same scene with every object removed (ground, sky and light unchanged): what a model
+    that does not see objects could at best render (the object-blind baseline)."""
+    return dataclasses.replace(
+        scene, kind=scene.kind[:0], center=scene.center[:0], radius=scene.radius[:0],
+        half_height=scene.half_height[:0], yaw=scene.yaw[:0], color=scene.color[:0],
+        tex_k=scene.tex_k[:0], tex_phase=scene.tex_phase[:0])
 
 
 def scene_rng(seed: int, split: str, index: int, stream: int = STREAM_SCENE) -> np.random.Generator:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Tuple
 from torch import Tensor, nn
 
 from srt.model.decoder import ImprovedSRTDecoder, NerfDecoder, SRTDecoder
-from srt.model.encoder import ImprovedSRTEncoder, SRTEncoder
+from srt.model.encoder import LATENT_DIM, ImprovedSRTEncoder, SRTEncoder
 from srt.model.layers import ATTENTION_IMPLS, set_attention_impl, set_checkpointing
 from srt.model.osrt import (SLOT_DECODERS, SLOT_DIM, OSRTEncoder, SlotMixerDecoder,
                             SpatialBroadcastDecoder)
@@ -44,11 +44,13 @@ class ModelConfig:
     # 'srt' (SRT, CVPR 2022), 'isrt' (improved SRT, OSRT appendix) or 'osrt' (isrt + Slot Attention)
     encoder: str = 'srt'
     # Encoder options: pos_start_octave, num_conv_blocks, num_att_blocks (srt also scale_embeddings;
-    # osrt: pos_start_octave, num_slots, slot_dim, slot_iters).
+    # isrt also ours: latent_dim, conv_dim, pos_octaves, ray_octaves; osrt: pos_start_octave,
+    # num_slots, slot_dim, slot_iters).
     encoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     # 'lightfield', 'isrt', 'nerf' (volumetric); for osrt 'slot_mixer' or 'spatial_broadcast'
     decoder: str = 'lightfield'
-    # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net, slot_mixer layer_norm).
+    # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net, slot_mixer layer_norm;
+    # lightfield also ours: latent_dim, pos_octaves, ray_octaves).
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     # 'sdpa' (fused kernel), 'explicit' (softmax(QK^T / sqrt(d)) V, the reference's) or 'auto' (sdpa;
     # explicit for short attention on the CPU, where it is faster). Same function, same weights.
@@ -74,6 +76,13 @@ class ModelConfig:
             if unknown:
                 raise ValueError(f'model.{section}: unknown option(s) {unknown} for {cls.__name__}; '
                                  f'allowed: {list(allowed)}')
+        if self.encoder != 'osrt':  # latent_dim: ours, for the small demo model (default 768)
+            widths = [kw.get('latent_dim', LATENT_DIM) for kw in (self.encoder_kwargs,
+                                                                  self.decoder_kwargs)]
+            if widths[0] != widths[1]:
+                raise ValueError(f'model.encoder_kwargs.latent_dim ({widths[0]}) and '
+                                 f'model.decoder_kwargs.latent_dim ({widths[1]}) must be equal (the '
+                                 f'{self.decoder} decoder reads the encoder\'s latents)')
         # Slot latents [b, s, 1536] fit the slot decoders only, and those fit nothing else.
         if (self.encoder == 'osrt') != (self.decoder in SLOT_DECODERS):
             raise ValueError(f'model.decoder: {self.decoder!r} does not fit encoder {self.encoder!r}; the osrt '

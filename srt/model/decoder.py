@@ -31,10 +31,12 @@ class RayPredictor(nn.Module):
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, out_dims: int = 3,
                  z_dim: int = LATENT_DIM, input_mlp: bool = False, output_mlp: bool = True,
-                 attention: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
+                 attention: AttentionImpl = 'auto', checkpointing: bool = False,
+                 pos_octaves: int = 15, ray_octaves: int = 15) -> None:
         super().__init__()
-        self.query_encoder = RayEncoder(pos_octaves=15, pos_start_octave=pos_start_octave, ray_octaves=15)
-        dim = self.query_encoder.out_dim  # 180
+        self.query_encoder = RayEncoder(pos_octaves=pos_octaves, pos_start_octave=pos_start_octave,
+                                        ray_octaves=ray_octaves)
+        dim = self.query_encoder.out_dim  # 180 with 15 + 15 octaves
         self.input_mlp = (nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
                           if input_mlp else None)
         self.transformer = Transformer(dim, depth=num_att_blocks, heads=12, dim_head=z_dim // 12,
@@ -55,14 +57,22 @@ class RayPredictor(nn.Module):
 
 
 class SRTDecoder(nn.Module):
-    """The SRT light-field decoder (``decoder: lightfield``): RayPredictor with a sigmoid on the colour."""
+    """The SRT light-field decoder (``decoder: lightfield``): RayPredictor with a sigmoid on the colour.
+
+    Ours, for small CPU models (defaults: the reference's): ``latent_dim`` (the encoder's token width,
+    a multiple of 12), ``pos_octaves`` / ``ray_octaves`` (octaves of the query's ray code).
+    """
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, attention: AttentionImpl = 'auto',
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, latent_dim: int = LATENT_DIM, pos_octaves: int = 15,
+                 ray_octaves: int = 15) -> None:
         super().__init__()
-        self.ray_predictor = RayPredictor(num_att_blocks, pos_start_octave, out_dims=3, z_dim=LATENT_DIM,
+        if latent_dim % 12:
+            raise ValueError(f'latent_dim must be a multiple of 12 (12 heads), got {latent_dim}')
+        self.ray_predictor = RayPredictor(num_att_blocks, pos_start_octave, out_dims=3, z_dim=latent_dim,
                                           input_mlp=False, output_mlp=True, attention=attention,
-                                          checkpointing=checkpointing)
+                                          checkpointing=checkpointing, pos_octaves=pos_octaves,
+                                          ray_octaves=ray_octaves)
 
     def forward(self, z: Tensor, camera_pos: Tensor, rays: Tensor, **render_kwargs) -> Tuple[Tensor, Extras]:
         return torch.sigmoid(self.ray_predictor(z, camera_pos, rays)), {}

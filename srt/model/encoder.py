@@ -92,25 +92,29 @@ class _PatchTransformerEncoder(nn.Module):
 
     def __init__(self, num_conv_blocks: int, num_att_blocks: int, pos_start_octave: int,
                  attention: AttentionImpl = 'auto', checkpointing: bool = False,
-                 fold_camera_code: bool = True) -> None:
+                 fold_camera_code: bool = True, latent_dim: int = LATENT_DIM,
+                 conv_dim: int = 96, pos_octaves: int = 15, ray_octaves: int = 15) -> None:
         super().__init__()
+        if latent_dim % 64:
+            raise ValueError(f'latent_dim must be a multiple of 64 (heads of 64), got {latent_dim}')
         if num_conv_blocks < 1:
             raise ValueError(f'num_conv_blocks must be >= 1, got {num_conv_blocks}')
         # Skip convolving the constant camera-position planes (exact, see the module docstring).
         self.fold_camera_code = fold_camera_code
         self.channels_last = True  # memory format of the CNN's activations (a speed option only)
-        self.ray_encoder = RayEncoder(pos_octaves=15, pos_start_octave=pos_start_octave, ray_octaves=15)
-        in_dim = 3 + self.ray_encoder.out_dim  # 183: RGB, position code (90), direction code (90)
-        blocks = [SRTConvBlock(idim=in_dim, hdim=96)]
-        dim = 192
+        self.ray_encoder = RayEncoder(pos_octaves=pos_octaves, pos_start_octave=pos_start_octave,
+                                      ray_octaves=ray_octaves)
+        in_dim = 3 + self.ray_encoder.out_dim  # RGB and the ray code (183 with 15 + 15 octaves)
+        blocks = [SRTConvBlock(idim=in_dim, hdim=conv_dim)]
+        dim = 2 * conv_dim
         for _ in range(1, num_conv_blocks):
             blocks.append(SRTConvBlock(idim=dim))
             dim *= 2
         self.conv_blocks = nn.Sequential(*blocks)
-        self.per_patch_linear = nn.Conv2d(dim, LATENT_DIM, kernel_size=1)
-        self.transformer = Transformer(LATENT_DIM, depth=num_att_blocks, heads=12, dim_head=64,
-                                       mlp_dim=1536, selfatt=True, impl=attention,
-                                       checkpointing=checkpointing)
+        self.per_patch_linear = nn.Conv2d(dim, latent_dim, kernel_size=1)
+        self.transformer = Transformer(latent_dim, depth=num_att_blocks, heads=latent_dim // 64,
+                                       dim_head=64, mlp_dim=2 * latent_dim, selfatt=True,
+                                       impl=attention, checkpointing=checkpointing)
 
     def patch_features(self, images: Tensor, camera_pos: Tensor, rays: Tensor) -> Tensor:
         """Per-view CNN features.
@@ -197,10 +201,16 @@ class SRTEncoder(_PatchTransformerEncoder):
 
 class ImprovedSRTEncoder(_PatchTransformerEncoder):
     """The improved SRT encoder (OSRT appendix A.4): 3 conv blocks, no pixel or camera embeddings,
-    5 transformer layers."""
+    5 transformer layers.
+
+    Ours, for small CPU models (the defaults are the reference's): ``latent_dim`` (token width, a
+    multiple of 64: heads of 64, MLP 2x), ``conv_dim`` (width of the first conv block, doubling per
+    block), ``pos_octaves`` / ``ray_octaves`` (octaves of the camera-position / ray-direction code).
+    """
 
     def __init__(self, num_conv_blocks: int = 3, num_att_blocks: int = 5, pos_start_octave: int = 0,
                  attention: AttentionImpl = 'auto', checkpointing: bool = False,
-                 fold_camera_code: bool = True) -> None:
+                 fold_camera_code: bool = True, latent_dim: int = LATENT_DIM,
+                 conv_dim: int = 96, pos_octaves: int = 15, ray_octaves: int = 15) -> None:
         super().__init__(num_conv_blocks, num_att_blocks, pos_start_octave, attention, checkpointing,
-                         fold_camera_code)
+                         fold_camera_code, latent_dim, conv_dim, pos_octaves, ray_octaves)
