@@ -238,3 +238,12 @@ def test_the_reader_in_docs_reads_jpeg_views_of_any_size(shards):
             sizes.add(tuple(np.asarray(rgb[v]).shape[:2]))
         assert np.array_equal(K, ours[key].K)
     assert len(sizes) == 2  # the generator's other-size scene is read too
+
+
+def test_hugging_face_refuses_a_split_of_differing_member_sets_as_documented(shards, tmp_path):
+    """docs/SHARDS.md: HF datasets' webdataset builder needs one member set (RE10K-like splits,
+    manifest members null, are read with webdataset or pipeline.reader instead)."""
+    from tests.test_interop import DOC_API
+    assert read_manifest(str(shards), 'test')['members'] is None
+    with pytest.raises(ValueError, match='same prefix or the same types'):
+        DOC_API['hf_dataset'](shard_urls(str(shards), 'test'), str(tmp_path / 'hf'))
