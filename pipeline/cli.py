@@ -16,10 +16,10 @@ from typing import Sequence
 # Modules load inside the functions: make-synthetic must set OPENBLAS_NUM_THREADS before numpy loads.
 
 # `convert <format>`: the converter command lines and the datasets each converts.
-CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',)}
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn', 'msn_hard')}
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
-                   'msn': 'data/msn'}
+                   'msn': 'data/msn', 'msn_hard': 'data/msn_hard'}
 
 
 def _error(message: object, *notes: str) -> int:
@@ -34,7 +34,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards conv
     p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
                                 'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
     p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
-                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)')
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet or OSRT\'s MSN-Hard '
+                   '(--dataset msn_hard; TFDS, needs the msn extra)')
     p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
     args = p.parse_args(argv)
     return convert_format_main(args.format, args.options, prog=f'{prog} {args.format}')
@@ -52,7 +53,13 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     p = argparse.ArgumentParser(
         prog=prog, description=f'Convert {" / ".join(datasets)} into WebDataset shards (srt-shards '
                                f'schema v{SCHEMA_VERSION}, see docs/SHARDS.md).')
-    if len(datasets) > 1:
+    if fmt == 'msn':
+        p.add_argument('--dataset', choices=datasets, help="msn (SRT's MultiShapeNet, version "
+                       "2.3.3) or msn_hard (OSRT's MSN-Hard, 2.8.0; default when --version is 2.8.0, "
+                       'or when the source holds 2.8.0 and not 2.3.3)')
+        p.add_argument('--version', help='version directory under multi_shapenet_frames/ (default: '
+                       '2.8.0 for msn_hard; 2.3.3, else the newest, for msn)')
+    elif len(datasets) > 1:
         p.add_argument('--dataset', choices=datasets, default=datasets[0],
                        help=f'which dataset (default {datasets[0]})')
     p.add_argument('--src', help='source directory (default: data/<dataset>, the seed README '
@@ -80,14 +87,20 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
                        "reference loader does (default 6; 'all' keeps every scene)")
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     args = p.parse_args(argv)
-    dataset = getattr(args, 'dataset', datasets[0])
-    kwargs = {}
+    dataset = getattr(args, 'dataset', None) or datasets[0]
+    src, kwargs = args.src or DEFAULT_SOURCES[dataset], {}
+    if fmt == 'msn':  # the version directory tells SRT's MSN from MSN-Hard
+        from pipeline.sources.msn import MSN_HARD_VERSION, dataset_of
+        guess = args.dataset or ('msn_hard' if args.version == MSN_HARD_VERSION else 'msn')
+        src = args.src or DEFAULT_SOURCES[guess]
+        dataset = args.dataset or dataset_of(src, args.version)
+        kwargs['version'] = args.version
     if dataset in ('clevr3d', 'obsurf_msn'):
         kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
     try:
         env_tasks, env_index = task_from_environment()
         cfg = ConvertConfig(
-            dataset=dataset, src=args.src or DEFAULT_SOURCES[dataset],
+            dataset=dataset, src=src,
             out=args.out or os.path.join('shards', dataset), splits=args.splits,
             scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
             workers=args.workers,
@@ -172,7 +185,8 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '64x64 with plain scenes (the CPU demo)')
+                        '64x64 with plain scenes (the CPU demo); msn-hard: OSRT\'s MSN-Hard '
+                        '(TFDS 2.8.0, instance and depth images); msn-hard-demo: it at 64x64')
     p.add_argument('--out', required=True, help='output directory (created if missing)')
     p.add_argument('--scenes', required=True, type=int,
                    help='number of scenes over all splits (80/10/10 train/val/test; MSN: '

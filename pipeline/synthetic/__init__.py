@@ -10,7 +10,8 @@ readers open them unchanged. Nothing on the data path imports this package. Modu
 - ``rigs``: the datasets' camera rigs
 - ``raycast``: intersection, shading and rendering of views
 - ``common``: the per-format table, the renders of a format's scene, the worker pool, split sizes
-- ``nmr``, ``obsurf``, ``msn``: one writer per format; ``write_synthetic`` dispatches to them
+- ``nmr``, ``obsurf``, ``msn`` (also MSN-Hard): one writer per format; ``write_synthetic``
+  dispatches to them
 
 Each writer drops ``SYNTHETIC_MARKER`` (a JSON summary) into its output directory; the converter's
 dataset card recognises generated sources by it. See docs/SYNTHETIC.md.
@@ -53,12 +54,13 @@ __all__ = [
 
 def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs) -> WriteResult:
     """Write ``num_scenes`` scenes in format ``fmt`` (one of FORMATS: 'msn', 'nmr', 'obsurf' =
-    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo'); kwargs go to the writer (split_sizes,
+    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo', 'msn-hard' = OSRT's MSN-Hard (2.8.0),
+    'msn-hard-demo'); kwargs go to the writer (split_sizes,
     workers, progress, scenes_per_file for MSN)."""
     check_format(fmt)
     if fmt == 'nmr':
         return write_nmr(out_dir, num_scenes, seed, **kwargs)
-    if fmt in ('msn', 'msn-demo'):
+    if fmt.startswith('msn'):
         return write_msn(out_dir, num_scenes, seed, variant=fmt, **kwargs)
     return write_obsurf(out_dir, num_scenes, seed, variant='clevr3d' if fmt == 'obsurf' else 'msn',
                         **kwargs)

@@ -30,7 +30,7 @@ from pipeline.synthetic.raycast import render_views
 from pipeline.synthetic.rigs import msn_cameras, nmr_cameras, obsurf_camera_positions
 from pipeline.synthetic.scene import SPLITS, STREAM_CAMERAS, sample_scene, scene_rng
 
-FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo')
+FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 'msn-hard', 'msn-hard-demo')
 
 NMR_VIEWS, NMR_SIZE = 24, 64
 # NMR class of a scene: the kind of its main object. Ids keep DVR's 8-digit style and stay strings
@@ -44,12 +44,15 @@ OBSURF = {  # variant: (scene style, object slots, split index ranges of the ref
 }
 MSN_VIEWS, MSN_SIZE = 10, 128
 MSN_NAME, MSN_VERSION = 'multi_shapenet_frames', '2.3.3'
+# OSRT's MSN-Hard: sunds' KubricFrames builder (TFDS name kubric_frames, config
+# multi_shapenet_conditional) version 2.8.0, stored in a multi_shapenet_frames/2.8.0 directory.
+MSN_HARD_NAME, MSN_HARD_VERSION = 'kubric_frames', '2.8.0'
 MSN_SCENE_OFFSET = {'train': 0, 'val': 400000, 'test': 500000}
 
 _STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn',
-          'msn-demo': 'demo'}
-# 'msn-demo': the MSN layout at a CPU-friendly size with the plain 'demo' scene style.
-MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 64}
+          'msn-demo': 'demo', 'msn-hard': 'msn', 'msn-hard-demo': 'demo'}
+# '*-demo': the MSN layouts at a CPU-friendly size with the plain 'demo' scene style.
+MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 64, 'msn-hard': MSN_SIZE, 'msn-hard-demo': 64}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
 
 
@@ -83,7 +86,7 @@ def default_split_sizes(fmt: str, num_scenes: int) -> dict[str, int]:
     check_format(fmt)
     if num_scenes < 0:
         raise ValueError(f'num_scenes must be >= 0, got {num_scenes}')
-    if fmt in ('msn', 'msn-demo'):
+    if fmt in MSN_SIZES:
         m = math.ceil(num_scenes / 10) if num_scenes >= 2 else 0
         return {'train': num_scenes - m, 'test': m}
     m = math.ceil(num_scenes / 10) if num_scenes >= 3 else 0
@@ -113,7 +116,7 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int) -> dict[str, np.n
                 'world_from_cam': np.stack([c[1] for c in cams]), 'camera_pos': pos}
     size = MSN_SIZES[fmt]
     # The demo's cameras are closer, so that its few objects fill more of the small images.
-    distance = (6.5, 8.5) if fmt == 'msn-demo' else (9.0, 13.0)
+    distance = (6.5, 8.5) if fmt.endswith('-demo') else (9.0, 13.0)
     K, poses = msn_cameras(rng, MSN_VIEWS, size, size, distance=distance)
     Rt = [C.opencv_to_sunds(p) for p in poses]
     R = np.stack([r for r, _ in Rt]).astype(np.float32)
@@ -130,8 +133,8 @@ def render_scene(fmt: str, seed: int, split: str, index: int, *, noise: bool = T
     'object_id', 'category' [v, h, w]. ``noise=False`` renders without the per-pixel noise."""
     cams = scene_cameras(fmt, seed, split, index)
     scene = sample_scene(_STYLE[fmt], seed, split, index)
-    h, w = {'nmr': (NMR_SIZE, NMR_SIZE), 'msn': (MSN_SIZE, MSN_SIZE),
-            'msn-demo': (MSN_SIZES['msn-demo'],) * 2}.get(fmt, (OBSURF_HEIGHT, OBSURF_WIDTH))
+    h, w = (NMR_SIZE, NMR_SIZE) if fmt == 'nmr' else (MSN_SIZES[fmt],) * 2 if fmt in MSN_SIZES \
+        else (OBSURF_HEIGHT, OBSURF_WIDTH)
     views = render_views(scene, cams['K'], cams['world_from_cam'], h, w, noise=noise, seed=seed,
                            split=split, index=index)
     return {'scene': scene, **cams, **views}
