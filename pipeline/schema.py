@@ -55,6 +55,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     'msn': dict(near=0.0, far=20.0, canonical_frame='center_columns_rays',
                 near_far_source='stelzner/srt srt/data/multishapenet.py '
                                 'MultishapenetDataset.render_kwargs'),
+    'msn_hard': dict(near=0.0, far=20.0, canonical_frame='center_columns_rays',
+                     near_far_source='stelzner/osrt osrt/data/multishapenet.py '
+                                     'MultishapenetDataset.render_kwargs'),
 }
 
 _KEY_UNSAFE = re.compile(r'[^A-Za-z0-9_-]')
@@ -93,7 +96,7 @@ def scene_key(dataset: str, split: str, scene_id) -> str:
 @dataclasses.dataclass
 class SourceScene:
     """One scene as a source reader yields it, before encoding into a shard sample."""
-    dataset: str  # 'nmr' | 'clevr3d' | 'obsurf_msn' | 'msn'
+    dataset: str  # 'nmr' | 'clevr3d' | 'obsurf_msn' | 'msn' | 'msn_hard'
     split: str
     scene_id: Any  # the source's scene id, verbatim (str or int)
     reference_index: int  # position of the scene in the reference loader's order for this split
