@@ -59,6 +59,15 @@ def test_msn_hard_masks_are_osrts(msn_hard_source, msn_hard_shards):
         colour = ex['color_image'].astype(np.float32) / 255.  # multishapenet.py:63
         np.testing.assert_array_equal(batch['input_images'][0].numpy(),
                                       colour[INPUTS].transpose(0, 3, 1, 2))
+        # Cameras as OSRT reads them in world coordinates (multishapenet.py:64-65, :71-72).
+        np.testing.assert_allclose(batch['input_rays'][0].numpy(), ex['ray_directions'][INPUTS],
+                                   atol=1e-5)
+        np.testing.assert_allclose(batch['input_camera_pos'][0].numpy(),
+                                   ex['ray_origins'][INPUTS][:, 0, 0], atol=1e-5)
+        np.testing.assert_allclose(batch['target_rays'][0].numpy(),
+                                   ex['ray_directions'][TARGETS].reshape(-1, 3), atol=1e-5)
+        np.testing.assert_allclose(batch['target_camera_pos'][0].numpy(),
+                                   ex['ray_origins'][TARGETS].reshape(-1, 3), atol=1e-5)
         # Sampled targets: masks at the same pixel indices as the pixels (multishapenet.py:116-120).
         sampled = DataConfig('msn_hard', canonical_view=False, num_points=300)
         item = make_item(sampled, scene, INPUTS, TARGETS, np.random.default_rng(0))
