@@ -20,6 +20,9 @@ _SOURCES = {
             'https://srt-paper.github.io/#dataset',
             'See the SRT dataset page and Kubric\'s terms; ShapeNet\'s terms of use apply to its '
             'models.'),
+    'msn_hard': ('MSN-Hard of OSRT (Sajjadi et al.; sunds multi_shapenet_conditional 2.8.0, made '
+                 'with Kubric)', 'https://github.com/stelzner/osrt#data',
+                 'See the OSRT and Kubric terms; ShapeNet\'s terms of use apply to its models.'),
 }
 
 

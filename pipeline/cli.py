@@ -19,7 +19,7 @@ from typing import Sequence
 # `convert <format>`: the converter command lines and the datasets each converts. The importers of
 # other projects' formats (an empty tuple) convert a dataset of any name (--dataset, default: the
 # source directory's name) and need --src.
-CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn',),
+CONVERTERS = {'nmr': ('nmr',), 'obsurf': ('clevr3d', 'obsurf_msn'), 'msn': ('msn', 'msn_hard'),
               'pixelsplat': (), 'lvsm': (), 'nerfstudio': (), 'co3d': ()}
 _FORMAT_HELP = {  # importers: format -> one line
     'pixelsplat': "pixelSplat chunks (<src>/<split>/NNNNNN.torch: RE10K, ACID, DL3DV chunks)",
@@ -29,7 +29,7 @@ _FORMAT_HELP = {  # importers: format -> one line
 }
 # Where the seed README puts each source dataset.
 DEFAULT_SOURCES = {'nmr': 'data/nmr', 'clevr3d': 'data/clevr3d', 'obsurf_msn': 'data/obsurf_msn',
-                   'msn': 'data/msn'}
+                   'msn': 'data/msn', 'msn_hard': 'data/msn_hard'}
 
 
 def _error(message: object, *notes: str) -> int:
@@ -44,7 +44,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = 'srt-shards conv
     p = argparse.ArgumentParser(prog=prog, description='Convert a source dataset into WebDataset '
                                 'shards (docs/SHARDS.md). Options: ' + prog + ' <format> --help.')
     p.add_argument('format', choices=CONVERTERS, help='nmr: NMR; obsurf: ObSuRF CLEVR3D or '
-                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet (TFDS, needs the msn extra)'
+                   'MultiShapeNet (--dataset); msn: SRT MultiShapeNet or OSRT\'s MSN-Hard '
+                   '(--dataset msn_hard; TFDS, needs the msn extra)'
                    + ''.join(f'; {k}: {v}' for k, v in _FORMAT_HELP.items()))
     p.add_argument('options', nargs=argparse.REMAINDER, help='the converter\'s options')
     args = p.parse_args(argv)
@@ -64,7 +65,13 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
         prog=prog, description=f'Convert {" / ".join(datasets) or _FORMAT_HELP[fmt]} into '
                                f'WebDataset shards (srt-shards schema v{SCHEMA_VERSION}, see '
                                'docs/SHARDS.md).')
-    if len(datasets) > 1:
+    if fmt == 'msn':
+        p.add_argument('--dataset', choices=datasets, help="msn (SRT's MultiShapeNet, version "
+                       "2.3.3) or msn_hard (OSRT's MSN-Hard, 2.8.0; default when --version is 2.8.0, "
+                       'or when the source holds 2.8.0 and not 2.3.3)')
+        p.add_argument('--version', help='version directory under multi_shapenet_frames/ (default: '
+                       '2.8.0 for msn_hard; 2.3.3, else the newest, for msn)')
+    elif len(datasets) > 1:
         p.add_argument('--dataset', choices=datasets, default=datasets[0],
                        help=f'which dataset (default {datasets[0]})')
     if not datasets:  # an importer: any dataset name
@@ -105,9 +112,15 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     args = p.parse_args(argv)
     dataset = getattr(args, 'dataset', None) or (datasets[0] if datasets else
                                                  dataset_name_of(args.src))
-    kwargs = {}
+    src, kwargs = args.src or DEFAULT_SOURCES.get(dataset, f'data/{dataset}'), {}
     if getattr(args, 'evaluation_index', None):
         kwargs['evaluation_index'] = args.evaluation_index
+    if fmt == 'msn':  # the version directory tells SRT's MSN from MSN-Hard
+        from pipeline.sources.msn import MSN_HARD_VERSION, dataset_of
+        guess = args.dataset or ('msn_hard' if args.version == MSN_HARD_VERSION else 'msn')
+        src = args.src or DEFAULT_SOURCES[guess]
+        dataset = args.dataset or dataset_of(src, args.version)
+        kwargs['version'] = args.version
     if dataset in ('clevr3d', 'obsurf_msn'):
         kwargs['max_objects'] = None if args.max_objects == 'all' else int(args.max_objects)
     if fmt in ('nerfstudio', 'co3d'):
@@ -115,7 +128,7 @@ def convert_format_main(fmt: str, argv: Sequence[str] | None = None,
     try:
         env_tasks, env_index = task_from_environment()
         cfg = ConvertConfig(
-            dataset=dataset, src=args.src or DEFAULT_SOURCES.get(dataset, f'data/{dataset}'),
+            dataset=dataset, src=src,
             out=args.out or os.path.join('shards', dataset), splits=args.splits,
             scenes_per_shard=args.scenes_per_shard, shard_bytes=int(args.shard_mb * 2**20),
             workers=args.workers,
@@ -243,7 +256,9 @@ def make_synthetic_main(argv: Sequence[str] | None = None,
     p.add_argument('--format', required=True, choices=FORMATS,
                    help='msn: SRT MultiShapeNet (TFDS); nmr; obsurf: CLEVR3D; '
                         'obsurf-msn: ObSuRF MultiShapeNet; msn-demo: the MSN layout at '
-                        '32x32, 1-2 plain objects, a ring of cameras (the CPU demo); re10k: pixelSplat '
+                        '32x32, 1-2 plain objects, a ring of cameras (the CPU demo); msn-hard: '
+                        'OSRT\'s MSN-Hard (TFDS 2.8.0, instance and depth images); msn-hard-demo: '
+                        'it at 64x64; re10k: pixelSplat '
                         'chunks of RE10K-like video clips (JPEG); lvsm: LVSM scenes of such clips '
                         '(PNG); dl3dv: DL3DV-like nerfstudio captures; co3d: CO3D v2-like categories')
     p.add_argument('--out', required=True, help='output directory (created if missing)')

@@ -115,3 +115,13 @@ def _channels(arr: np.ndarray, channels: int | None, what: str) -> np.ndarray:
     if channels == 1:
         return arr[..., :1]
     raise ValueError(f'cannot convert a {arr.shape[-1]}-channel {what} to {channels} channels')
+
+
+def float32_from_rgba(rgba: np.ndarray) -> np.ndarray:
+    """[h, w, 1] float32 of a TFDS float32 ``Image`` (e.g. MSN-Hard's ``depth_image``) decoded from
+    its PNG as [h, w, 4] uint8: TFDS stores each float's 4 little-endian bytes in the 4 channels
+    (tensorflow_datasets ``image_feature._FloatImageEncoder``)."""
+    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[-1] != 4:
+        raise ValueError(f'a float32 image is stored as [h, w, 4] uint8, got {rgba.dtype} '
+                         f'{list(rgba.shape)}')
+    return np.ascontiguousarray(rgba).view('<f4').astype(np.float32)

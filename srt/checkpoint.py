@@ -240,6 +240,31 @@ def check_resume(ckpt_config: Mapping[str, Any], config: Mapping[str, Any], path
                               ' (use another --out, or the checkpoint\'s settings)')
 
 
+def reference_config_of(ckpt: Mapping[str, Any], dataset: str) -> Dict[str, Any]:
+    """The reference config of ``dataset`` for the model a reference checkpoint holds, read off its
+    weights: OSRT (slot attention in the encoder; the decoder type, slot count, allocation layers and
+    mixing-block norms from the keys and shapes), the volumetric decoder (vsrt), the improved SRT
+    (isrt) or SRT. ValueError when the reference has no config for that model and dataset."""
+    encoder = strip_wrapper_prefixes(ckpt['encoder'])
+    decoder = strip_wrapper_prefixes(ckpt['decoder'])
+    if 'slot_attention.initial_slots' in encoder:
+        raw = run_config.reference_config(dataset, 'osrt')
+        model = raw['model']
+        model['encoder_kwargs'] = {**model['encoder_kwargs'],
+                                   'num_slots': int(encoder['slot_attention.initial_slots'].shape[0])}
+        if not any(k.startswith('mixing_block.') for k in decoder):
+            model['decoder'] = 'spatial_broadcast'
+            return raw
+        layers = {k.split('.')[3] for k in decoder if k.startswith('allocation_transformer.'
+                                                                   'transformer.layers.')}
+        model['decoder_kwargs'] = {**model['decoder_kwargs'], 'num_att_blocks': len(layers),
+                                   'layer_norm': 'mixing_block.norm1.weight' in decoder}
+        return raw
+    isrt = any(k.startswith('allocation_transformer') for k in decoder)
+    nerf = any(k.startswith('coarse_net') for k in decoder)
+    return run_config.reference_config(dataset, 'vsrt' if nerf else 'isrt' if isrt else 'srt')
+
+
 def load_for_evaluation(checkpoint: str, shards: str, config: str | None = None,
                         device: Any = 'cpu') -> Tuple[SRT, run_config.RunConfig, Dict[str, Any]]:
     """(model, RunConfig, checkpoint dict) from our checkpoint (its config inside) or a reference
@@ -254,10 +279,8 @@ def load_for_evaluation(checkpoint: str, shards: str, config: str | None = None,
     elif 'config' in ckpt:
         raw = ckpt['config']
     else:
-        isrt = any(k.startswith('allocation_transformer') for k in ckpt['decoder'])
-        nerf = any(k.startswith('coarse_net') for k in ckpt['decoder'])
-        raw = run_config.reference_config(dataset, 'vsrt' if nerf else 'isrt' if isrt else 'srt')
-    if raw['data']['dataset'] != dataset:
+        raw = reference_config_of(ckpt, dataset)
+    if run_config.config_dataset(raw) != dataset:
         raise CheckpointError(f'the checkpoint\'s config is for {raw["data"]["dataset"]!r}, the '
                               f'shards in {shards} hold {dataset!r}')
     cfg = run_config.build(raw)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from srt.data import DataConfig
+from srt.data import DATASET_ALIASES, DataConfig
 from srt.model.init import INIT_SCHEMES
 from srt.model import ModelConfig
 
@@ -115,7 +115,8 @@ class TrainingConfig:
     shards_per_visit: int = 8  # shards a data worker interleaves
     item_buffer: int = 256  # items in a data worker's shuffle buffer
     deterministic: bool = False  # torch deterministic algorithms (tests of exact resume)
-    init: str = 'torch'  # fresh weights: 'torch' (PyTorch defaults, the reference's) or 'he' (srt/model/init.py)
+    init: str = 'reference'  # fresh weights: 'reference' (the model's reference init: PyTorch's for SRT,
+    # JAX/ViT-style for OSRT), 'torch' (PyTorch defaults) or 'he' (srt/model/init.py)
 
     def __post_init__(self):
         if self.model_selection_mode not in ('maximize', 'minimize'):
@@ -158,6 +159,8 @@ class RunConfig:
         for name in ('num_target_views', 'input_size'):
             if getattr(d, name) is not None:
                 kwargs[name] = getattr(d, name)
+        if d.masks is not None:
+            kwargs['masks'] = d.masks
         return {'data': {'dataset': d.dataset, 'num_points': d.num_points, 'kwargs': kwargs},
                 'model': self.model.to_dict(), 'training': dataclasses.asdict(self.training)}
 
@@ -182,6 +185,12 @@ def reference_config(dataset: str, model: str = 'srt') -> dict[str, Any]:
     cfg = copy.deepcopy(REFERENCE_CONFIGS[key])
     cfg['data']['dataset'] = dataset
     return cfg
+
+
+def config_dataset(raw: dict[str, Any]) -> str:
+    """Our name of a raw config's dataset (the OSRT reference's ``osrt`` is ``msn_hard``)."""
+    name = raw['data']['dataset']
+    return DATASET_ALIASES.get(name, name)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -240,7 +249,7 @@ def resolve(dataset: str, config_path: str | None = None, model: str = 'srt',
     if raw['data']['dataset'] == GENERIC_CONFIGS['srt']['data']['dataset'] and \
             DataConfig(dataset).generic:
         raw['data']['dataset'] = dataset  # runs/generic/*: for any dataset outside SRT's
-    if raw['data']['dataset'] != dataset:
+    if config_dataset(raw) != dataset:
         raise ValueError(f'the config is for dataset {raw["data"]["dataset"]!r} but {shards} '
                          f'holds {dataset!r} shards')
     return build(apply_overrides(raw, training or {}, num_points), full_scale=full_scale)
@@ -269,13 +278,21 @@ def build(raw: dict[str, Any], full_scale: bool = False) -> RunConfig:
         raise ValueError(f'training: unknown key(s) {unknown}')
     model = dict(raw.get('model') or {})
     model.setdefault('checkpointing', training.get('checkpointing', False))
+    use_default_init = model.pop('use_default_init', None)  # the OSRT reference's model key
+    if use_default_init is not None:
+        init = 'torch' if use_default_init else 'reference'
+        if training.setdefault('init', init) != init:
+            raise ValueError(f'model.use_default_init: {use_default_init} contradicts training.init: '
+                             f'{training["init"]!r}; set one of them')
     data = dict(raw['data'])
     if model.get('encoder') == 'osrt':
         # OSRT's reference loaders work in world coordinates whatever the config says
         # (stelzner/osrt osrt/data/core.py:17); a config may still ask for the canonical frame.
         data['kwargs'] = {'canonical_view': False, **(data.get('kwargs') or {})}
-    return RunConfig(data=DataConfig.from_yaml(data, full_scale=full_scale),
-                     model=ModelConfig.from_dict(model), training=TrainingConfig(**training))
+    model_cfg = ModelConfig.from_dict(model)
+    data_cfg = DataConfig.from_yaml(data, full_scale=full_scale)
+    data_cfg.model_masks = model_cfg.encoder == 'osrt'  # its decoders segment: score them
+    return RunConfig(data=data_cfg, model=model_cfg, training=TrainingConfig(**training))
 
 
 def model_name(model: ModelConfig) -> str:

@@ -23,6 +23,13 @@ replacement only when there are fewer), or every pixel in row-major order per ta
 (``full_scale``). Everything is expressed in the canonical frame of the first input view unless
 ``canonical_view`` is False.
 
+Instance masks (OSRT; ``masks``): per pixel the one-hot channel of the reference's loaders, kept as
+uint8 channel ids in the item (``input_mask_ids`` at the input resolution, downsampling included;
+``target_mask_ids`` at the target pixels' indices) and one-hot on the device. MSN-Hard: instance
+ids ``clip(1, 34) - 1`` over 34 channels, channel 0 the background (ids 0 and 1; stelzner/osrt
+``osrt/data/multishapenet.py:109-121``); CLEVR3D / ObSuRF-MSN: the mask id itself over 11 / 5
+channels, 0 the background (``osrt/data/obsurf.py:46,91-94``).
+
 Items are compact (the loader's hot path): uint8 pixels, and per view the 3x3 matrix
 ``M = canonical_from_world[:3, :3] @ R @ inv(K)`` (float64 on the CPU, then float32) and the
 camera position; ``to_model_inputs`` turns a batch of them into the reference's float tensors on
@@ -48,6 +55,10 @@ DATASETS = ('nmr', 'clevr3d', 'obsurf_msn', 'msn', 'msn_hard')  # SRT's and OSRT
 DATASET_ALIASES = {'osrt': 'msn_hard'}
 MSN_LIKE = ('msn', 'msn_hard')  # 10 views per scene, k random input views, the others targets
 NUM_GENERIC_INPUT_VIEWS = 2
+MASK_KIND = 'instance'  # the per-view extra holding instance ids (pipeline.schema extras)
+# Per dataset: (one-hot channels, lowest id kept apart from the background) of the OSRT reference's
+# masks: channel = clip(id, low, channels - 1 + low) - low.
+MASK_CHANNELS = {'msn_hard': (34, 1), 'msn': (34, 1), 'clevr3d': (11, 0), 'obsurf_msn': (5, 0)}
 
 
 @dataclasses.dataclass
@@ -69,6 +80,10 @@ class DataConfig:
     input_size: list[int] | None = None  # [h, w]: resize input views to it, K scaled (None: keep)
     object_masks: bool = False  # evaluation only (ours, not a YAML key): items carry which target
     # pixels show an object and where the scene came from (srt/objects.py)
+    masks: bool | None = None  # instance masks in the items (ours): True needs them in every scene,
+    # False never; None: where the scenes carry them, for MSN-Hard (the reference's 'dataset: osrt')
+    # and the OSRT model (``model_masks``), as the OSRT reference's loaders do
+    model_masks: bool = False  # set from the model section (slot decoders); not a YAML key
 
     def __post_init__(self):
         self.dataset = DATASET_ALIASES.get(self.dataset, self.dataset)
@@ -90,12 +105,15 @@ class DataConfig:
             if self.downsample:
                 raise ValueError('data.kwargs: input_size and downsample exclude each other')
             self.input_size = [int(x) for x in self.input_size]
+        if self.masks and self.dataset not in MASK_CHANNELS:
+            raise ValueError(f'data.kwargs.masks: {self.dataset} has no instance masks (only '
+                             f'{", ".join(MASK_CHANNELS)})')
 
     @classmethod
     def from_yaml(cls, data: dict[str, Any], full_scale: bool = False) -> 'DataConfig':
         kwargs = dict(data.get('kwargs') or {})
         known = {'canonical_view', 'downsample', 'max_objects', 'num_input_views', 'train_on_inputs',
-                 'num_target_views', 'input_size'}
+                 'num_target_views', 'input_size', 'masks'}
         unknown = set(kwargs) - known
         if unknown:
             raise ValueError(f'data.kwargs has unknown keys {sorted(unknown)} (known: {sorted(known)})')
@@ -114,6 +132,17 @@ class DataConfig:
     @property
     def default_input_views(self) -> int:
         return NUM_GENERIC_INPUT_VIEWS if self.generic else NUM_MSN_INPUT_VIEWS
+
+    def wants_masks(self, scene: Scene) -> bool:
+        """Whether the items of ``scene`` carry instance masks (``masks``); ValueError naming the
+        scene when ``masks`` is True and it has none."""
+        if self.masks is False or self.dataset not in MASK_CHANNELS:
+            return False
+        has = MASK_KIND in scene.meta.get('extras', ())
+        if self.masks and not has:
+            raise ValueError(f'{scene.where}: no {MASK_KIND} masks (data.kwargs.masks is true; convert '
+                             'a source that has them, or set it to false)')
+        return has and (self.masks or self.dataset == 'msn_hard' or self.model_masks)
 
 
 def key_seed(key: str, seed: int = 0) -> list[int]:
@@ -214,10 +243,29 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     }
     if cfg.canonical_view:
         item['transform'] = T.astype(np.float32)
+    if cfg.wants_masks(scene):
+        channels, low = MASK_CHANNELS[cfg.dataset]
+        masks = {v: mask_channels(scene, v, channels, low) for v in dict.fromkeys(views)}
+        item['input_mask_ids'] = np.stack([masks[v][start::step, start::step] for v in inputs])
+        item['target_mask_ids'] = np.stack([masks[v] for v in targets]).reshape(-1)[flat]
+        item['mask_channels'] = np.array(channels, np.int16)
     if cfg.object_masks:
         from srt.objects import object_fields
         item.update(object_fields(scene, targets, flat))
     return item
+
+
+def mask_channels(scene: Scene, view: int, channels: int, low: int) -> np.ndarray:
+    """[h, w] uint8 one-hot channel of every pixel of ``view``'s instance mask: the id clipped to
+    [low, channels - 1 + low], minus ``low`` (MSN-Hard: ``clip(1, 34) - 1``). Ids past the last
+    channel are folded into it where ``low`` > 0, as the reference's clip does; without a clip in
+    the reference (ObSuRF sets) they are an error naming the view."""
+    ids = scene.extra(MASK_KIND, view)
+    ids = ids[..., 0] if ids.ndim == 3 else ids
+    if low == 0 and ids.max(initial=0) >= channels:
+        raise ValueError(f'{scene.where} view {view}: instance id {int(ids.max())} does not fit the '
+                         f"reference's {channels} mask channels")
+    return (np.clip(ids, low, channels - 1 + low) - low).astype(np.uint8)
 
 
 def _same_size(scene: Scene, views: Sequence[int], what: str) -> Sequence[int]:
@@ -300,7 +348,8 @@ def to_model_inputs(batch: dict[str, Any], device=None, non_blocking: bool = Tru
 
     Keys: input_images [b,k,3,h,w] in [0,1], input_camera_pos [b,k,3], input_rays [b,k,h,w,3],
     target_pixels [b,p,3], target_camera_pos [b,p,3], target_rays [b,p,3], transform [b,4,4] (when
-    canonical). No host-device synchronisation.
+    canonical); with masks target_masks [b,p,c] one-hot and input_mask_ids [b,k,h,w] int64. No
+    host-device synchronisation.
     """
     import torch
 
@@ -332,4 +381,11 @@ def to_model_inputs(batch: dict[str, Any], device=None, non_blocking: bool = Tru
     }
     if 'transform' in batch:
         out['transform'] = t(batch['transform'])
+    if 'target_mask_ids' in batch:
+        channels = int(batch['mask_channels'][0])
+        # The reference's target_masks [b, p, channels] (float, as its trainer scores them); the
+        # input masks stay ids [b, k, h, w] (their one-hot is F.one_hot(ids, channels)).
+        out['target_masks'] = torch.nn.functional.one_hot(
+            t(batch['target_mask_ids']).long(), channels).to(dtype)
+        out['input_mask_ids'] = t(batch['input_mask_ids']).long()
     return out

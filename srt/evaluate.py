@@ -1,6 +1,8 @@
-"""Evaluation: PSNR as the reference defines it (per item from its MSE, then averaged) and SSIM
-(on full images, i.e. with full_scale). Used by the trainer's validation and by
-``python -m srt.evaluate``; results are gathered over DDP ranks.
+"""Evaluation: PSNR as the reference defines it (per item from its MSE, then averaged), SSIM (on
+full images, i.e. with full_scale), and for a segmenting decoder (OSRT) ARI and FG-ARI of its slot
+weights against the items' instance masks over all target pixels of an item, as OSRT's trainer
+scores them. Used by the trainer's validation and by ``python -m srt.evaluate``; results are
+gathered over DDP ranks.
 
 Where the shards store category images (MSN format), ``python -m srt.evaluate`` also reports the
 PSNR over the object pixels, and for shards of a generated source the object-blind baseline (the
@@ -27,7 +29,7 @@ from srt.checkpoint import CheckpointError, load_for_evaluation
 from srt.data import to_model_inputs
 from srt.distributed import gather_lists, setup_distributed, shutdown
 from srt.loader import EvalStream, loader, shard_table
-from srt.metrics import mse2psnr, nanmean, ssim
+from srt.metrics import mse2psnr, nanmean, scorable, segmentation_scores, ssim
 from srt.model.rendering import render_rays
 from srt.objects import (OBJECT_METRICS, generator_of, has_object_masks, object_blind_pixels,
                          object_scores)
@@ -58,6 +60,9 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
         item = {'mse': mse, 'psnr': mse2psnr(mse)}
         if 'coarse_img' in extras:
             item['coarse_mse'] = ((extras['coarse_img'].float() - target) ** 2).mean(dim=(1, 2))
+        if 'segmentation' in extras and 'target_masks' in x and \
+                scorable(x['target_masks'], extras['segmentation']):
+            item.update(segmentation_scores(x['target_masks'], extras['segmentation'].float()))
         hw = tuple(int(v) for v in batch['target_hw'][0]) if full_scale else None
         if hw is not None:
             h, w = hw
@@ -81,11 +86,15 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
     return summarize(records), records
 
 
+# Per-item metrics, in report order (ari / fg_ari: OSRT's slot weights against the instance masks).
+METRICS = ('psnr', 'mse', 'ssim', 'coarse_mse', 'ari', 'fg_ari')
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     if not records:
         raise ValueError('evaluation saw no scenes')
     out = {'scenes': len({r['scene_key'] for r in records}), 'items': len(records)}
-    for key in ('psnr', 'mse', 'ssim', 'coarse_mse'):
+    for key in METRICS:
         if key in records[0]:
             out[key] = float(np.mean([r[key] for r in records]))
     for key in OBJECT_METRICS:  # NaN for items without object pixels: skipped
@@ -114,7 +123,8 @@ def lpips_metric(device):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description='Evaluate an SRT checkpoint (ours or the reference\'s) '
-                                'on a split of shards: PSNR (reference definition), SSIM, LPIPS.')
+                                'on a split of shards: PSNR (reference definition), SSIM, LPIPS; '
+                                'for OSRT also ARI and FG-ARI against the instance masks.')
     p.add_argument('--shards', required=True, help='shard directory')
     p.add_argument('--checkpoint', required=True, help='model.pt / model_best.pt / reference file')
     p.add_argument('--config', help='YAML config (default: the checkpoint\'s, or the reference one)')
@@ -142,7 +152,7 @@ def write_report(out: str, split: str, summary: dict[str, Any], records: list[di
     for r in records:
         per_scene.setdefault((r['scene_index'], r['scene_key']), []).append(r)
     csv_path = os.path.join(out, f'{split}_scenes.csv')
-    metrics = [k for k in ('psnr', 'mse', 'ssim', 'coarse_mse', *OBJECT_METRICS) if k in records[0]]
+    metrics = [k for k in (*METRICS, *OBJECT_METRICS) if k in records[0]]
     with open(csv_path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['scene_index', 'scene_key', 'items', *metrics])
@@ -194,9 +204,10 @@ def run(args: argparse.Namespace) -> None:
                        seed=seed)
         csv_path = write_report(args.out or os.path.dirname(os.path.abspath(args.checkpoint)),
                                 args.split, summary, records)
+        scores = ''.join(f', {name} {summary[key]:.4f}' for key, name in (
+            ('ssim', 'SSIM'), ('ari', 'ARI'), ('fg_ari', 'FG-ARI')) if key in summary)
         print(f'{args.split}: {summary["scenes"]} scenes, {summary["items"]} items: PSNR '
-              f'{summary["psnr"]:.3f} dB' + (f', SSIM {summary["ssim"]:.4f}' if 'ssim' in summary
-                                             else '') + f'\n{lpips_note}\nper-scene CSV: {csv_path}')
+              f'{summary["psnr"]:.3f} dB{scores}\n{lpips_note}\nper-scene CSV: {csv_path}')
         print(object_note(summary, objects, generator is not None))
 
 

@@ -9,6 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from srt.distributed import min_over_ranks
+from srt.metrics import scorable, segmentation_scores
+
+LOSS_TERMS = ('mse', 'coarse_mse')  # the terms that add up to the loss; the others are scores
 
 
 def srt_loss(model: nn.Module, x: dict[str, Tensor], render_kwargs: dict[str, Any],
@@ -25,7 +28,9 @@ def srt_loss(model: nn.Module, x: dict[str, Tensor], render_kwargs: dict[str, An
         autocast: factory of the forward pass's autocast context; the loss itself is fp32.
     Returns:
         loss = mse (the mean over scenes of each scene's pixel MSE) + coarse_mse (the volumetric
-        decoder's coarse image, when it has one); terms: the scalar tensors {'mse', 'coarse_mse'}.
+        decoder's coarse image, when it has one); terms: the scalar tensors {'mse', 'coarse_mse'},
+        and where the decoder segments and ``x`` has ``target_masks`` the scores 'ari' and 'fg_ari'
+        of its slot weights (batch means; not part of the loss, as in OSRT's trainer).
     """
     with autocast():
         pred, extras = model(x['input_images'], x['input_camera_pos'], x['input_rays'],
@@ -37,6 +42,11 @@ def srt_loss(model: nn.Module, x: dict[str, Tensor], render_kwargs: dict[str, An
     if 'coarse_img' in extras:
         terms['coarse_mse'] = ((extras['coarse_img'].float() - target) ** 2).mean()
         loss = loss + terms['coarse_mse']
+    masks = x.get('target_masks')
+    if 'segmentation' in extras and masks is not None and scorable(masks, extras['segmentation']):
+        with torch.no_grad():
+            scores = segmentation_scores(masks, extras['segmentation'].detach().float())
+        terms.update({k: v.mean().float() for k, v in scores.items()})
     return loss, terms
 
 

@@ -98,6 +98,12 @@ def _one_segment(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return (lo == hi) | ~kept.any(-1)
 
 
+def scorable(true_masks: torch.Tensor, pred_weights: torch.Tensor) -> bool:
+    """Whether :func:`adjusted_rand_index` accepts these shapes (more points than segments or
+    slots), so that callers scoring whatever batch they get can skip instead of failing."""
+    return true_masks.shape[1] > min(true_masks.shape[-1], pred_weights.shape[-1])
+
+
 def segmentation_scores(true_masks: torch.Tensor, pred_weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """``ari`` (all segments, background included) and ``fg_ari`` (background points ignored) [b].
 

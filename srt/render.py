@@ -3,7 +3,8 @@
     python -m srt.render --shards shards/msn --checkpoint runs/msn_srt/model.pt --scene 3 \
         --motion rotate_and_closeup --fade --num-frames 180
 
-The volumetric decoder renders with the run's near/far and sample counts (``srt.runtime``).
+The volumetric decoder renders with the run's near/far and sample counts (``srt.runtime``);
+``--segmentation`` also writes an OSRT model's slot segmentation (``segmentation.mp4``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--width', type=int, help='frame width (default: the input view\'s)')
     p.add_argument('--out', help='output directory (default: <run dir>/render/<motion>/<scene>)')
     p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    p.add_argument('--segmentation', action='store_true', help='also render the slot segmentation '
+                   '(OSRT): segmentations/ frames and segmentation.mp4')
     return p.parse_args(argv)
 
 
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> dict[str, str]:
                                    args.motion, scene.key)
     return render_motion(model, scene, cfg.data, args.motion, args.num_frames, out, args.height,
                          args.width, args.fade, device, runtime.render_kwargs(cfg, args.shards),
-                         cfg.training.seed, runtime.autocast(device, args.precision))
+                         cfg.training.seed, runtime.autocast(device, args.precision),
+                         segmentation=args.segmentation)
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ from srt.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
 from srt.data import to_model_inputs
 from srt.evaluate import evaluate
 from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, shard_table
-from srt.loss import FiniteGuard, NonFiniteLoss, srt_loss
+from srt.loss import LOSS_TERMS, FiniteGuard, NonFiniteLoss, srt_loss
 from srt.metrics import get_lr, mse2psnr
 from srt.model import count_parameters
 from srt.model.init import make_model
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--shards', required=True, help='shard directory of a converted dataset')
     p.add_argument('--config', help='reference-style YAML config (runs/<dataset>/<model>/config.yaml)')
-    p.add_argument('--model', choices=('srt', 'isrt', 'vsrt'), default='srt',
+    p.add_argument('--model', choices=('srt', 'isrt', 'vsrt', 'osrt'), default='srt',
                    help='reference config to start from when no --config is given')
     p.add_argument('--out', help='run directory (default: the directory of --config, else '
                    'runs/<dataset>_<model>)')
@@ -374,7 +374,8 @@ def log_record(run: Run, state: TrainState) -> None:
     avg = dict(zip(state.loss_sums, distributed.mean_over_ranks(avg).tolist()))
     state.loss_sums = None
     now = time.perf_counter()
-    record = {'it': state.it, 'epoch': state.epoch_it, 'loss': sum(avg.values()), **avg,
+    record = {'it': state.it, 'epoch': state.epoch_it,
+              'loss': sum(v for k, v in avg.items() if k in LOSS_TERMS), **avg,
               'psnr': float(mse2psnr(torch.tensor(avg['mse']))), 'lr': state.lr,
               'scenes_per_s': state.scenes / (now - state.t_log),
               'step_time': (now - state.t_log) / steps, 'bad_data': run.stream_state.bad,
@@ -383,7 +384,8 @@ def log_record(run: Run, state: TrainState) -> None:
     state.t_log, state.scenes = now, 0
     if run.master:
         run.log.write(record)
-        run.bar.set_postfix(loss=f'{record["loss"]:.4f}', psnr=f'{record["psnr"]:.2f}')
+        run.bar.set_postfix(loss=f'{record["loss"]:.4f}', psnr=f'{record["psnr"]:.2f}',
+                            **({'fg_ari': f'{record["fg_ari"]:.3f}'} if 'fg_ari' in record else {}))
 
 
 def finish(run: Run, state: TrainState) -> None:

@@ -7,7 +7,9 @@ Motions as the reference's render.py: ``rotate`` (orbit about the vertical axis)
 The video camera is, as in the reference, a level pinhole (focal 0.035, sensor 0.032) at the first
 input camera's position looking at the world origin, z up; the scene is encoded from its input
 views and rendered in the canonical frame it was encoded in. Writes PNG frames and an H.264 MP4
-(PyAV; no system ffmpeg needed), plus depth frames/video for the volumetric decoder.
+(PyAV; no system ffmpeg needed), plus depth frames/video for the volumetric decoder and, with
+``segmentation``, the argmax slot of each pixel of a segmenting decoder (OSRT) in OSRT's render.py
+colours (slot i: HSV(i / (slots + 1), 0.45, 0.8)).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pipeline.index import read_scene
 from pipeline.reader import Scene
 from srt.data import choose_views, collate, key_seed, make_item, to_model_inputs
 from srt.model.rendering import render_image
+from srt.visualize import clustering_colors, colorize
 
 MOTIONS = ('rotate', 'zoom', 'closeup', 'rotate_and_closeup', 'eyeroll')
 SENSOR_WIDTH = 0.032
@@ -112,8 +115,9 @@ def load_scene(shards: str, split: str, scene: str) -> Scene:
 def render_motion(model, scene: Scene, data_cfg, motion: str, num_frames: int, out_dir: str,
                   height: int | None = None, width: int | None = None, fade: bool = False,
                   device='cpu', render_kwargs=None, seed: int = 0, autocast=contextlib.nullcontext,
-                  chunk: int = 16384) -> dict[str, str]:
-    """Encode the scene (key-seeded input views) and render ``num_frames`` frames of ``motion``."""
+                  chunk: int = 16384, segmentation: bool = False) -> dict[str, str]:
+    """Encode the scene (key-seeded input views) and render ``num_frames`` frames of ``motion``
+    (``segmentation``: also the segmenting decoder's slot per pixel; ValueError for another)."""
     from PIL import Image
     render_kwargs = {**(render_kwargs or {}), 'deterministic': True}
     rng = np.random.default_rng(key_seed(scene.key, seed))
@@ -128,7 +132,7 @@ def render_motion(model, scene: Scene, data_cfg, motion: str, num_frames: int, o
     w = width or x['input_rays'].shape[3]
     start = scene.c2w[inputs[0], :3, 3]
     os.makedirs(os.path.join(out_dir, 'frames'), exist_ok=True)
-    frames, depth_frames = [], []
+    frames, depth_frames, seg_frames = [], [], []
     for i, img in enumerate(x['input_images'][0]):
         Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(
             os.path.join(out_dir, f'input_{i}.png'))
@@ -150,8 +154,28 @@ def render_motion(model, scene: Scene, data_cfg, motion: str, num_frames: int, o
             os.makedirs(os.path.join(out_dir, 'depths'), exist_ok=True)
             Image.fromarray(d).save(os.path.join(out_dir, 'depths', f'{f:04d}.png'))
             depth_frames.append(np.repeat(d[..., None], 3, -1))
+        if segmentation:
+            seg_frames.append(_segmentation_frame(extras, os.path.join(out_dir, 'segmentations'), f))
     out = {'frames': os.path.join(out_dir, 'frames'),
            'video': write_video(frames, os.path.join(out_dir, 'video.mp4'))}
     if depth_frames:
         out['depth_video'] = write_video(depth_frames, os.path.join(out_dir, 'depth.mp4'))
+    if seg_frames:
+        out['segmentations'] = os.path.join(out_dir, 'segmentations')
+        out['segmentation_video'] = write_video(seg_frames, os.path.join(out_dir, 'segmentation.mp4'))
     return out
+
+
+def _segmentation_frame(extras: dict, frame_dir: str, f: int) -> np.ndarray:
+    """The frame's argmax slot per pixel in OSRT's render.py colours (slot i: colour i + 1 of
+    ``clustering_colors(slots + 1)``), saved as ``frame_dir/<f>.png``."""
+    from PIL import Image
+    if 'segmentation' not in extras:
+        raise ValueError("--segmentation: this model's decoder gives no slot weights (only OSRT's "
+                         'slot_mixer / spatial_broadcast decoders do)')
+    weights = extras['segmentation'][0].float().cpu()  # [h, w, slots]
+    colors = clustering_colors(weights.shape[-1] + 1)
+    frame = (colorize(weights.argmax(-1).numpy() + 1, colors) * 255).round().astype(np.uint8)
+    os.makedirs(frame_dir, exist_ok=True)
+    Image.fromarray(frame).save(os.path.join(frame_dir, f'{f:04d}.png'))
+    return frame

@@ -71,6 +71,25 @@ def nmr_shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope='session')
+def msn_hard_source(tmp_path_factory):
+    """Synthetic MSN-Hard (TFDS multi_shapenet_frames/2.8.0) at 64x64: train scene_0, scene_1, test
+    scene_500000 (pipeline.synthetic variant msn-hard-demo, seed 3)."""
+    from pipeline.synthetic import write_synthetic
+    return write_synthetic('msn-hard-demo', tmp_path_factory.mktemp('msn_hard_src'), 3, seed=3,
+                           workers=1)
+
+
+@pytest.fixture(scope='session')
+def msn_hard_shards(msn_hard_source, tmp_path_factory):
+    """``msn_hard_source`` converted (dataset msn_hard, one scene per shard)."""
+    from pipeline.convert import ConvertConfig, convert
+    out = tmp_path_factory.mktemp('msn_hard_shards')
+    convert(ConvertConfig(dataset='msn_hard', src=str(msn_hard_source.root), out=str(out),
+                          scenes_per_shard=1, progress=False))
+    return out
+
+
 # ----------------------------------------------------------------------------- model and trainer
 
 def tiny_batch(b=2, v=2, h=32, w=32, r=5, seed=0):

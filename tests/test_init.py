@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from srt.model.init import make_model
-from srt.model import ModelConfig
+from srt.model import SRT, ModelConfig
+from srt.model.osrt import reference_init_
 
 SMALL = dict(encoder_kwargs={'num_conv_blocks': 2, 'num_att_blocks': 1},
              decoder_kwargs={'num_att_blocks': 1})
@@ -40,3 +41,23 @@ def test_make_model_is_seeded_and_rejects_unknown_schemes():
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match='init scheme'):
         make_model(config, 0, 'xavier')
+
+
+def test_reference_scheme_is_each_reference_default():
+    """'reference': PyTorch's init for SRT (stelzner/srt), reference_init_ for OSRT (stelzner/osrt's
+    default, use_default_init False)."""
+    srt = ModelConfig.from_dict({'encoder': 'srt', 'decoder': 'lightfield', **SMALL})
+    a, b = make_model(srt, 1, 'reference').state_dict(), make_model(srt, 1, 'torch').state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    osrt = ModelConfig.from_dict({'encoder': 'osrt', 'decoder': 'slot_mixer',
+                                  'encoder_kwargs': {'num_slots': 2, 'slot_dim': 24, 'num_att_blocks': 1},
+                                  'decoder_kwargs': {'slot_dim': 24, 'hidden_dim': 16}})
+    ours = make_model(osrt, 1, 'reference')
+    torch.manual_seed(1)  # make_model's seeding, then the reference's init of the linear layers
+    want = reference_init_(SRT(osrt)).state_dict()
+    assert all(torch.equal(want[k], v) for k, v in ours.state_dict().items())
+    mlp = ours.decoder.render_mlp.net[0]
+    assert (mlp.bias == 0).all()  # SRTLinear: zero biases (PyTorch's default would not be)
+    bound = (6 / sum(mlp.weight.shape)) ** 0.5  # Xavier-uniform
+    assert mlp.weight.abs().max() <= bound
+    assert not (make_model(osrt, 1, 'torch').decoder.render_mlp.net[0].bias == 0).all()

@@ -265,3 +265,27 @@ def test_osrt_config_errors_name_the_option():
     with pytest.raises(ValueError, match='randomize_initial_slots'):
         build_model({'encoder': 'osrt', 'encoder_kwargs': {'randomize_initial_slots': True},
                      'decoder': 'slot_mixer'})
+    with pytest.raises(ValueError, match='multiple of 12'):
+        ModelConfig(encoder='osrt', encoder_kwargs={'slot_dim': 100}, decoder='slot_mixer',
+                    decoder_kwargs={'slot_dim': 100})
+
+
+@pytest.mark.parametrize('decoder', ['slot_mixer', 'spatial_broadcast'])
+def test_small_sizes_of_ours(decoder):
+    """Our size options (for CPU runs): a narrower model with the same structure and key names."""
+    small = {'encoder': 'osrt', 'encoder_kwargs': {'num_slots': 3, 'slot_dim': 48, 'num_att_blocks': 1,
+                                                   'num_conv_blocks': 2},
+             'decoder': decoder, 'decoder_kwargs': {'slot_dim': 48, 'hidden_dim': 32}}
+    model = build_model(small)
+    with torch.device('meta'):
+        full = build_model({**small, 'encoder_kwargs': {'num_slots': 3}, 'decoder_kwargs': {}})
+    for part in ('encoder', 'decoder'):
+        keys = set(getattr(model, part).state_dict())
+        assert keys <= set(getattr(full, part).state_dict())  # fewer layers, same names
+    assert model.decoder.render_mlp.state_dict()[
+        'net.0.weight' if decoder == 'slot_mixer' else '0.weight'].shape == (32, 48 + 180)
+    assert count_parameters(model) < count_parameters(full) / 10
+    from tests.conftest import tiny_batch
+    x = tiny_batch(b=2, v=2, h=16, w=16, r=7)
+    pixels, extras = model(**x)
+    assert pixels.shape == (2, 7, 3) and extras['segmentation'].shape == (2, 7, 3)

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from pipeline.schema import SourceError, SourceScene, png_info
 
-DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn')
+DATASET_NAMES = ('nmr', 'clevr3d', 'obsurf_msn', 'msn', 'msn_hard')
 # Importers of other projects' formats: format -> (module, class). Their dataset name is free text
 # (``--dataset``, e.g. 're10k'); their scenes may differ in view count (``fixed_members = False``).
 SOURCE_FORMATS = {'pixelsplat': ('pipeline.sources.pixelsplat', 'PixelSplatSource'),
@@ -92,7 +92,7 @@ def open_source(dataset: str, root: str, source_format: str | None = None, **kwa
     if dataset in ('clevr3d', 'obsurf_msn'):
         from pipeline.sources.obsurf import ObsurfSource
         return ObsurfSource(root, dataset, **kwargs)
-    if dataset == 'msn':
+    if dataset in ('msn', 'msn_hard'):
         from pipeline.sources.msn import MSNSource
-        return MSNSource(root)
+        return MSNSource(root, dataset, **kwargs)
     raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASET_NAMES}')

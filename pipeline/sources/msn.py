@@ -1,4 +1,5 @@
-"""SRT MultiShapeNet source reader: a TFDS dataset directory in sunds' frame layout, without sunds.
+"""SRT MultiShapeNet (and OSRT's MSN-Hard) source reader: a TFDS dataset directory in sunds' frame
+layout, without sunds.
 
 ``tensorflow_datasets.builder_from_directory`` supplies what the directory declares (version,
 splits, tfrecord files and their record counts, the feature spec); the records themselves are read
@@ -6,6 +7,13 @@ with a small TFRecord framing reader and parsed as ``tf.train.Example`` protos, 
 carried unchanged and nothing is decoded. Whatever camera features exist are used: every image
 feature other than ``color_image`` (``category_image``, ``instance_image``, ``depth_image``, ...) is
 carried as a per-view PNG extra, other per-camera tensors as ``.npy`` extras.
+
+MSN-Hard (dataset ``msn_hard``) is sunds' ``multi_shapenet_conditional`` version 2.8.0, which OSRT's
+README puts in the same ``multi_shapenet_frames/`` directory as SRT's 2.3.3: the version selects it
+(``version``, default 2.8.0 for msn_hard and 2.3.3, else the newest, for msn). It must have
+``instance_image`` (carried as ``instance_VVV.png``, uint8 ids, bytes unchanged: OSRT's background
+is ids 0 and 1, objects from 2); ``depth_image`` is TFDS's float32 image, stored as its 4 bytes per
+pixel in an RGBA PNG (``depth_VVV.png``, bytes unchanged; ``pipeline.decode.float32_from_rgba``).
 
 This is the only module of the project that imports TensorFlow; it hides all GPUs from it.
 Cameras: ``pipeline.cameras.sunds_to_opencv`` (scene_from_camera = pose @ inverse(extrinsics)).
@@ -54,21 +62,45 @@ def _import_tf():
     return tfds, example_pb2
 
 
-def find_dataset_dir(root: str) -> str:
-    """The versioned TFDS directory under ``root`` (``root`` itself, or
-    ``root/multi_shapenet_frames/<version>`` preferring 2.3.3, else the newest)."""
+SRT_VERSION, MSN_HARD_VERSION = '2.3.3', '2.8.0'  # SRT's MultiShapeNet, OSRT's MSN-Hard
+
+
+def dataset_versions(root: str) -> list[str]:
+    """The versions under ``root/multi_shapenet_frames/`` holding a dataset_info.json, oldest first
+    (``[]`` for none, or when ``root`` is itself a versioned directory)."""
+    found = glob.glob(os.path.join(root, DATASET_NAME, '*', 'dataset_info.json'))
+    return sorted((os.path.basename(os.path.dirname(p)) for p in found), key=_version_key)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split('.') if p.isdigit())
+
+
+def find_dataset_dir(root: str, version: str | None = None) -> str:
+    """The versioned TFDS directory under ``root``: ``root`` itself when it holds a
+    dataset_info.json, else ``root/multi_shapenet_frames/<version>`` (``version`` None: 2.3.3 if
+    present, else the newest)."""
     if os.path.isfile(os.path.join(root, 'dataset_info.json')):
         return root
-    candidates = glob.glob(os.path.join(root, DATASET_NAME, '*', 'dataset_info.json'))
-    if not candidates:
+    versions = dataset_versions(root)
+    if not versions:
         raise SourceError(f'{root}: no {DATASET_NAME}/<version>/dataset_info.json found '
-                          '(expected the TFDS directory of SRT MultiShapeNet)')
+                          '(expected the TFDS directory of SRT MultiShapeNet or MSN-Hard)')
+    if version is None:
+        version = SRT_VERSION if SRT_VERSION in versions else versions[-1]
+    if version not in versions:
+        raise SourceError(f'{root}: no {DATASET_NAME}/{version}/ (versions here: '
+                          f'{", ".join(versions)})')
+    return os.path.join(root, DATASET_NAME, version)
 
-    def version(path):
-        return tuple(int(p) for p in os.path.basename(os.path.dirname(path)).split('.')
-                     if p.isdigit())
-    preferred = [c for c in candidates if os.path.basename(os.path.dirname(c)) == '2.3.3']
-    return os.path.dirname(preferred[0] if preferred else max(candidates, key=version))
+
+def dataset_of(root: str, version: str | None = None) -> str:
+    """'msn_hard' when ``version`` is MSN-Hard's (2.8.0), or when none is given and ``root`` holds
+    2.8.0 but not SRT's 2.3.3; else 'msn'."""
+    if version is not None:
+        return 'msn_hard' if version == MSN_HARD_VERSION else 'msn'
+    versions = dataset_versions(root)
+    return 'msn_hard' if MSN_HARD_VERSION in versions and SRT_VERSION not in versions else 'msn'
 
 
 try:  # CRC32C in C (SSE4.2): verifying a 365 KB record costs ~14 us instead of ~100 ms in Python
@@ -135,11 +167,13 @@ class TFRecordFile:
 
 
 class MSNSource:
-    dataset = 'msn'
-
-    def __init__(self, root: str):
-        self.root = str(root)
-        self.data_dir = find_dataset_dir(self.root)
+    def __init__(self, root: str, dataset: str = 'msn', version: str | None = None):
+        if dataset not in ('msn', 'msn_hard'):
+            raise ValueError(f'MSN dataset must be msn or msn_hard, got {dataset!r}')
+        self.root, self.dataset = str(root), dataset
+        if version is None and dataset == 'msn_hard':
+            version = MSN_HARD_VERSION
+        self.data_dir = find_dataset_dir(self.root, version)
         tfds, self._example_pb2 = _import_tf()
         try:
             builder = tfds.builder_from_directory(self.data_dir)
@@ -163,6 +197,10 @@ class MSNSource:
             elif isinstance(cam[name], tfds.features.Tensor):
                 self.tensor_extras[name] = (cam[name].np_dtype, cam[name].shape,
                                             getattr(cam[name], '_encoding', None))
+        if self.dataset == 'msn_hard' and 'instance_image' not in self.image_extras:
+            raise SourceError(f'{self.data_dir}: no instance_image feature; MSN-Hard (OSRT\'s '
+                              f'multi_shapenet_conditional {MSN_HARD_VERSION}) has one (is this '
+                              'version SRT\'s MultiShapeNet? convert it as msn)')
         # Feature keys per camera, built once (the per-record parse is on the converter's hot path).
         self._extra_kinds = [(n.removesuffix('_image'), n) for n in self.image_extras] + \
             [(n, n) for n in self.tensor_extras]
@@ -299,7 +337,8 @@ class MSNSource:
         return arr.reshape([d if d is not None else -1 for d in shape])
 
     def describe(self) -> dict[str, Any]:
-        return {'dataset': 'msn', 'format': f'TFDS {DATASET_NAME} {self.version} (sunds frames)',
+        return {'dataset': self.dataset,
+                'format': f'TFDS {DATASET_NAME} {self.version} (sunds frames)',
                 'path': self.root, 'version': self.version, 'cameras': self.camera_names,
                 'extras': [n.removesuffix('_image') for n in self.image_extras] +
                           list(self.tensor_extras)}

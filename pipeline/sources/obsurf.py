@@ -5,6 +5,11 @@ present objects with a nonzero class, ``camera_pos`` [scenes, views, 3]) and
 ``images/img_<scene>_<view>.png`` (RGBA). Splits are fixed scene-index ranges, and scenes with more
 than ``max_objects`` objects are dropped, exactly as the reference loader does (so a small generated
 set places its scenes at the start of each range and marks unused rows as full).
+
+Where the source has a ``masks/`` directory (ObSuRF's downloads do; OSRT reads it), each view's
+``masks/masks_<scene>_<view>.png`` (instance ids, 0 the background; stelzner/osrt
+``osrt/data/obsurf.py:91-94``) is carried unchanged as the view's ``instance`` extra; a view without
+its mask is then an error naming the file.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class ObsurfSource:
             if k not in self.metadata:
                 raise SourceError(f'{path}: metadata.npz has no {k!r} array')
         self.num_objects = (self.metadata['shape'] > 0).sum(axis=1)
+        self.has_masks = os.path.isdir(os.path.join(self.root, 'masks'))
 
     def splits(self) -> list[str]:
         n = len(self.metadata['shape'])
@@ -65,10 +71,13 @@ class ObsurfSource:
 
     def _read_scene(self, split: str, scene: int, index: int) -> SourceScene:
         positions = self.metadata['camera_pos'][scene]
-        images, Ks, poses = [], [], []
+        images, Ks, poses, masks = [], [], [], []
         for v in range(len(positions)):
             path = os.path.join(self.root, 'images', f'img_{scene}_{v}.png')
             data, width, height = read_view_png(path, v, scene)
+            if self.has_masks:
+                mask_path = os.path.join(self.root, 'masks', f'masks_{scene}_{v}.png')
+                masks.append(read_view_png(mask_path, v, scene)[0])
             try:
                 K, pose = cameras.obsurf_to_opencv(positions[v], height, width)
             except ValueError as e:
@@ -81,11 +90,11 @@ class ObsurfSource:
         return SourceScene(
             dataset=self.dataset, split=split, scene_id=scene, reference_index=index,
             view_names=[str(v) for v in range(len(images))], images=images, K=np.stack(Ks),
-            c2w=np.stack(poses),
+            c2w=np.stack(poses), extras={'instance': masks} if self.has_masks else {},
             source_meta={'num_objects': int(self.num_objects[scene]), 'metadata': fields},
             origin=os.path.join(self.root, 'images', f'img_{scene}_*.png'))
 
     def describe(self) -> dict[str, Any]:
         return {'dataset': self.dataset, 'format': 'ObSuRF (metadata.npz + images/)',
-                'path': self.root, 'max_objects': self.max_objects,
+                'path': self.root, 'max_objects': self.max_objects, 'masks': self.has_masks,
                 'split_ranges': SPLIT_RANGES[self.dataset]}

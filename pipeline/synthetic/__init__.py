@@ -10,7 +10,7 @@ readers open them unchanged. Nothing on the data path imports this package. Modu
 - ``rigs``: the datasets' camera rigs
 - ``raycast``: intersection, shading and rendering of views
 - ``common``: the per-format table, the renders of a format's scene, the worker pool, split sizes
-- ``nmr``, ``obsurf``, ``msn``: one writer per format; ``write_synthetic`` dispatches to them
+- ``nmr``, ``obsurf``, ``msn`` (also MSN-Hard): one writer per format; ``write_synthetic`` dispatches to them
 - ``re10k`` (pixelSplat chunks of RE10K / ACID-like clips, JPEG frames) and ``lvsm`` (LVSM scenes):
   the importers' formats, hand-held video clips (``rigs.video_cameras``)
 - ``dl3dv`` (DL3DV-like nerfstudio captures) and ``co3d`` (CO3D v2-like categories): the
@@ -65,10 +65,11 @@ __all__ = [
 
 def write_synthetic(fmt: str, out_dir, num_scenes: int, seed: int = 0, **kwargs) -> WriteResult:
     """Write ``num_scenes`` scenes in format ``fmt`` (one of FORMATS: 'msn', 'nmr', 'obsurf' =
-    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo', 're10k' = pixelSplat chunks, 'lvsm' = LVSM
-    scenes, 'dl3dv' = DL3DV-like nerfstudio captures, 'co3d' = CO3D v2-like sequences); kwargs go
-    to the writer (split_sizes, workers, progress, scenes_per_file for MSN, scenes_per_chunk and
-    views for the video formats, downscale and image_format for dl3dv)."""
+    CLEVR3D, 'obsurf-msn' = ObSuRF-MSN, 'msn-demo', 'msn-hard' = OSRT's MSN-Hard (2.8.0),
+    'msn-hard-demo', 're10k' = pixelSplat chunks, 'lvsm' = LVSM scenes, 'dl3dv' = DL3DV-like
+    nerfstudio captures, 'co3d' = CO3D v2-like sequences); kwargs go to the writer (split_sizes,
+    workers, progress, scenes_per_file for MSN, scenes_per_chunk and views for the video formats,
+    downscale and image_format for dl3dv)."""
     check_format(fmt)
     if fmt == 're10k':
         return write_re10k(out_dir, num_scenes, seed, **kwargs)

@@ -32,7 +32,8 @@ from pipeline.synthetic.rigs import (msn_cameras, nmr_cameras, obsurf_camera_pos
 from pipeline.synthetic.scene import (SPLITS, STREAM_CAMERAS, sample_scene, scene_rng,
                                       without_objects)
 
-FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 're10k', 'lvsm', 'dl3dv', 'co3d')
+FORMATS = ('msn', 'nmr', 'obsurf', 'obsurf-msn', 'msn-demo', 'msn-hard', 'msn-hard-demo', 're10k',
+           'lvsm', 'dl3dv', 'co3d')
 
 NMR_VIEWS, NMR_SIZE = 24, 64
 # NMR class of a scene: the kind of its main object. Ids keep DVR's 8-digit style and stay strings
@@ -46,6 +47,9 @@ OBSURF = {  # variant: (scene style, object slots, split index ranges of the ref
 }
 MSN_VIEWS, MSN_SIZE = 10, 128
 MSN_NAME, MSN_VERSION = 'multi_shapenet_frames', '2.3.3'
+# OSRT's MSN-Hard: sunds' KubricFrames builder (TFDS name kubric_frames, config
+# multi_shapenet_conditional) version 2.8.0, stored in a multi_shapenet_frames/2.8.0 directory.
+MSN_HARD_NAME, MSN_HARD_VERSION = 'kubric_frames', '2.8.0'
 MSN_SCENE_OFFSET = {'train': 0, 'val': 400000, 'test': 500000}
 # Video formats (pixelSplat chunks 're10k', LVSM scenes 'lvsm'): hand-held clips of 8-14 frames at
 # 72x128, scene 1 of each split at 60x80 (the importers keep scenes of any size).
@@ -53,9 +57,10 @@ VIDEO_FORMATS = ('re10k', 'lvsm')
 VIDEO_SIZE, VIDEO_ODD_SIZE, VIDEO_VIEWS = (72, 128), (60, 80), (8, 14)
 
 _STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'msn',
-          'msn-demo': 'demo', 're10k': 'msn', 'lvsm': 'msn'}
-# 'msn-demo': the MSN layout at 32x32 with the plain 'demo' scene style and a ring of cameras.
-MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 32}
+          'msn-demo': 'demo', 'msn-hard': 'msn', 'msn-hard-demo': 'demo', 're10k': 'msn', 'lvsm': 'msn'}
+# 'msn-demo': the MSN layout at 32x32 with the plain 'demo' scene style and a ring of cameras;
+# 'msn-hard-demo': MSN-Hard at 64x64 with the 'demo' style on the MSN shell, closer (the toy OSRT run).
+MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 32, 'msn-hard': MSN_SIZE, 'msn-hard-demo': 64}
 # Ring rigs (rigs.ring_cameras): distance, elevation (degrees) and height of the point looked at.
 MSN_RINGS = {'msn-demo': (5.5, 30.0, 0.5)}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
@@ -161,8 +166,9 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int,
     if fmt in MSN_RINGS:  # the demo: a ring close to its few central objects
         d, el, tz = MSN_RINGS[fmt]
         K, poses = ring_cameras(rng, MSN_VIEWS, size, size, d, el, tz)
-    else:
-        K, poses = msn_cameras(rng, MSN_VIEWS, size, size)
+    else:  # the demo variants' cameras are closer, so that their few objects fill more of the images
+        distance = (6.5, 8.5) if fmt.endswith('-demo') else (9.0, 13.0)
+        K, poses = msn_cameras(rng, MSN_VIEWS, size, size, distance=distance)
     Rt = [C.opencv_to_sunds(p) for p in poses]
     R = np.stack([r for r, _ in Rt]).astype(np.float32)
     t = np.stack([t for _, t in Rt]).astype(np.float32)

@@ -1,6 +1,8 @@
 """ObSuRF format (variant ``clevr3d`` or ``msn``): ``DIR/metadata.npz`` (compressed) with per-scene
 arrays of leading length 100000 and ``DIR/images/img_<scene>_<view>.png`` (240x320 RGBA, alpha 255, 3
-views), mirroring the test vector ``tests/data/testvectors/sources/clevr3d``.
+views), mirroring the test vector ``tests/data/testvectors/sources/clevr3d``, and the instance masks
+OSRT reads, ``DIR/masks/masks_<scene>_<view>.png`` (8-bit grey: 0 background and ground, i + 1 for
+object i, i.e. the object's metadata slot + 1).
 
 The reference selects scenes by FIXED index ranges (CLEVR3D train 0-70000, val 70000-75000, test
 85000-100000; ObSuRF-MSN train 0-80000, val 80000-80500, test 90000-100000) and drops scenes with
@@ -36,6 +38,7 @@ def _encode(task: tuple[str, int, str, int]) -> dict:
     r = render_scene(fmt, seed, split, index)
     alpha = np.full(r['rgb'].shape[1:3] + (1,), 255, dtype=np.uint8)
     return {'pngs': [png_bytes(np.concatenate([im, alpha], axis=-1)) for im in r['rgb']],
+            'masks': [png_bytes(ids) for ids in r['object_id']],
             'camera_pos': r['camera_pos'], 'objects': _object_fields(r['scene'])}
 
 
@@ -73,6 +76,7 @@ def write_obsurf(out_dir, num_scenes: int, seed: int = 0, *, variant: str = 'cle
             'rotation': np.zeros((OBSURF_ROWS, slots), dtype=np.float32)}
     tasks = tasks_of(fmt, seed, sizes)
     (root / 'images').mkdir(parents=True, exist_ok=True)
+    (root / 'masks').mkdir(parents=True, exist_ok=True)
     scenes = {s: [] for s in sizes}
     num_images = image_bytes = 0
     for (_, _, split, i), r in zip(tasks, render_all(_encode, tasks, workers, progress)):
@@ -81,6 +85,8 @@ def write_obsurf(out_dir, num_scenes: int, seed: int = 0, *, variant: str = 'cle
             (root / 'images' / f'img_{row}_{v}.png').write_bytes(data)
             num_images += 1
             image_bytes += len(data)
+        for v, data in enumerate(r['masks']):
+            (root / 'masks' / f'masks_{row}_{v}.png').write_bytes(data)
         meta['camera_pos'][row] = r['camera_pos']
         n = len(r['objects']['shape'])
         if n > slots:

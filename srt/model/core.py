@@ -45,12 +45,13 @@ class ModelConfig:
     encoder: str = 'srt'
     # Encoder options: pos_start_octave, num_conv_blocks, num_att_blocks (srt also scale_embeddings;
     # isrt also ours: latent_dim, conv_dim, pos_octaves, ray_octaves; osrt: pos_start_octave,
-    # num_slots, slot_dim, slot_iters).
+    # num_slots, slot_dim, slot_iters; ours num_conv_blocks, num_att_blocks).
     encoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     # 'lightfield', 'isrt', 'nerf' (volumetric); for osrt 'slot_mixer' or 'spatial_broadcast'
     decoder: str = 'lightfield'
     # Decoder options: pos_start_octave, num_att_blocks (nerf also use_fine_net, slot_mixer layer_norm;
-    # lightfield also ours: latent_dim, pos_octaves, ray_octaves).
+    # lightfield also ours: latent_dim, pos_octaves, ray_octaves; the slot decoders' slot_dim and
+    # hidden_dim are ours, for small models).
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)
     # 'sdpa' (fused kernel), 'explicit' (softmax(QK^T / sqrt(d)) V, the reference's) or 'auto' (sdpa;
     # explicit for short attention on the CPU, where it is faster). Same function, same weights.
@@ -87,9 +88,14 @@ class ModelConfig:
         if (self.encoder == 'osrt') != (self.decoder in SLOT_DECODERS):
             raise ValueError(f'model.decoder: {self.decoder!r} does not fit encoder {self.encoder!r}; the osrt '
                              f'encoder pairs with {list(SLOT_DECODERS)} and only with them')
-        if self.encoder == 'osrt' and self.encoder_kwargs.get('slot_dim', SLOT_DIM) != SLOT_DIM:
-            raise ValueError(f'model.encoder_kwargs.slot_dim: the slot decoders take {SLOT_DIM}-d slots '
-                             f'(the reference builds them for that width only)')
+        enc_dim = self.encoder_kwargs.get('slot_dim', SLOT_DIM)
+        if self.encoder == 'osrt' and enc_dim != self.decoder_kwargs.get('slot_dim', SLOT_DIM):
+            raise ValueError(f'model.encoder_kwargs.slot_dim {enc_dim} differs from the decoder\'s '
+                             f'(model.decoder_kwargs.slot_dim, default {SLOT_DIM}, the reference\'s); '
+                             'set both')
+        if self.encoder == 'osrt' and enc_dim % 12:
+            raise ValueError(f'model.encoder_kwargs.slot_dim {enc_dim}: must be a multiple of 12 (the '
+                             "decoder's 12 attention heads split it)")
 
     @classmethod
     def from_dict(cls, model_section: Mapping[str, Any], **overrides: Any) -> 'ModelConfig':

@@ -10,6 +10,11 @@ grow out of it; a short run does not. The same holds for the input: the colour c
 init. ``he`` initialises the encoder's convolutions for ReLU (variance 2 / fan_in, zero bias) and
 scales the first convolution's colour weights by sqrt(180 / 3) to balance the two input groups;
 ``torch`` keeps PyTorch's defaults. Checkpoints are unaffected.
+
+``reference`` (the default) is what each model's reference implementation does by default: PyTorch's
+defaults for the SRT models (stelzner/srt builds plain ``nn.Linear`` layers), and for OSRT
+(stelzner/osrt, whose ``use_default_init`` is False unless a config sets it) the JAX/ViT-style
+initialisation of its linear layers, :func:`srt.model.osrt.reference_init_`.
 """
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ import torch
 from torch import nn
 
 from srt.model.core import SRT, ModelConfig
+from srt.model.osrt import reference_init_
 
-INIT_SCHEMES = ('he', 'torch')
+INIT_SCHEMES = ('reference', 'torch', 'he')
 
 
 def init_weights(model: SRT, scheme: str) -> SRT:
     if scheme not in INIT_SCHEMES:
         raise ValueError(f'init scheme {scheme!r} is not one of {INIT_SCHEMES}')
+    if scheme == 'reference':
+        return reference_init_(model) if model.config.encoder == 'osrt' else model
     if scheme == 'he':
         for module in model.encoder.modules():
             if isinstance(module, nn.Conv2d):

@@ -14,6 +14,10 @@ Axis vocabulary: b batch, v views, r rays, n set-latent tokens, s slots, d chann
   independently with the ray code into RGB and a logit; the softmax of the logits over the slots mixes
   the colours.
 
+The reference's sizes are fixed (inner encoder 3 conv blocks and 5 transformer layers, 1536-d slots
+and render MLPs); ``num_conv_blocks``/``num_att_blocks`` (encoder) and ``slot_dim``/``hidden_dim``
+(decoders) are our options for small CPU models, their defaults the reference's.
+
 Both decoders are called as ``decoder(slots, camera_pos, rays) -> (pixels [b, r, 3], extras)`` with
 ``extras['segmentation']`` the per-ray slot weights [b, r, s] (they sum to 1 over the slots).
 Parameter names are the reference's state-dict keys, so its checkpoints load with ``strict=True``.
@@ -34,7 +38,7 @@ from srt.model.layers import Attention, AttentionImpl, FeedForward, RayEncoder
 from srt.model.slots import SlotAttention
 
 SET_LATENT_DIM = 768  # the improved SRT encoder's token width
-SLOT_DIM = 1536  # the reference's decoders are built for this slot width only
+SLOT_DIM = 1536  # the reference's slot width (its decoders are built for this width only)
 RENDER_HIDDEN = 1536
 Extras = Dict[str, Tensor]
 
@@ -44,19 +48,21 @@ class OSRTEncoder(nn.Module):
 
     ``slot_iters`` rounds of Slot Attention (the reference's default is 1). ``randomize_initial_slots``
     is accepted for the reference's config spelling but only False works there (its sampling path reads
-    an attribute that is never set), so True is refused.
+    an attribute that is never set), so True is refused. ``num_conv_blocks`` / ``num_att_blocks`` size
+    the inner SRT encoder (ours, for small CPU models; the reference's are fixed at 3 and 5).
     """
 
     def __init__(self, pos_start_octave: int = 0, num_slots: int = 6, slot_dim: int = SLOT_DIM,
-                 slot_iters: int = 1, randomize_initial_slots: bool = False,
-                 attention: AttentionImpl = 'auto', checkpointing: bool = False,
+                 slot_iters: int = 1, randomize_initial_slots: bool = False, num_conv_blocks: int = 3,
+                 num_att_blocks: int = 5, attention: AttentionImpl = 'auto', checkpointing: bool = False,
                  fold_camera_code: bool = True) -> None:
         super().__init__()
         if randomize_initial_slots:
             raise ValueError('model.encoder_kwargs.randomize_initial_slots: True is not supported (the '
                              "reference's sampling path cannot run: it never defines the slots' stdev); "
                              'use False')
-        self.srt_encoder = ImprovedSRTEncoder(num_conv_blocks=3, num_att_blocks=5,
+        self.srt_encoder = ImprovedSRTEncoder(num_conv_blocks=num_conv_blocks,
+                                              num_att_blocks=num_att_blocks,
                                               pos_start_octave=pos_start_octave, attention=attention,
                                               checkpointing=checkpointing, fold_camera_code=fold_camera_code)
         self.slot_attention = SlotAttention(num_slots, input_dim=SET_LATENT_DIM, slot_dim=slot_dim,
@@ -102,42 +108,46 @@ class MixingBlock(nn.Module):
         return mixed, weights
 
 
-def _render_layers(input_dim: int, out_dims: int) -> list:
-    """Linear(input_dim, 1536) -> LeakyReLU -> 3 x (Linear(1536, 1536) -> LeakyReLU) -> Linear(1536, out_dims)."""
-    layers = [nn.Linear(input_dim, RENDER_HIDDEN), nn.LeakyReLU()]
+def _render_layers(input_dim: int, out_dims: int, hidden: int = RENDER_HIDDEN) -> list:
+    """Linear(input_dim, hidden) -> LeakyReLU -> 3 x (Linear(hidden, hidden) -> LeakyReLU) ->
+    Linear(hidden, out_dims)."""
+    layers = [nn.Linear(input_dim, hidden), nn.LeakyReLU()]
     for _ in range(3):
-        layers += [nn.Linear(RENDER_HIDDEN, RENDER_HIDDEN), nn.LeakyReLU()]
-    layers.append(nn.Linear(RENDER_HIDDEN, out_dims))
+        layers += [nn.Linear(hidden, hidden), nn.LeakyReLU()]
+    layers.append(nn.Linear(hidden, out_dims))
     return layers
 
 
 class RenderMLP(nn.Module):
     """[..., input_dim] -> RGB in (0, 1): ``net.0`` .. ``net.8`` linear layers with leaky ReLUs, then a sigmoid."""
 
-    def __init__(self, input_dim: int = SLOT_DIM + 180) -> None:
+    def __init__(self, input_dim: int = SLOT_DIM + 180, hidden_dim: int = RENDER_HIDDEN) -> None:
         super().__init__()
-        self.net = nn.Sequential(*_render_layers(input_dim, 3), nn.Sigmoid())
+        self.net = nn.Sequential(*_render_layers(input_dim, 3, hidden_dim), nn.Sigmoid())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
 class SlotMixerDecoder(nn.Module):
-    """The Slot Mixer decoder (``decoder: slot_mixer``)."""
+    """The Slot Mixer decoder (``decoder: slot_mixer``). ``slot_dim`` (the encoder's) and the render
+    MLP's ``hidden_dim`` are ours, for small CPU models (the reference's are fixed at 1536)."""
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: int = 0, layer_norm: bool = False,
+                 slot_dim: int = SLOT_DIM, hidden_dim: int = RENDER_HIDDEN,
                  attention: AttentionImpl = 'auto', checkpointing: bool = False) -> None:
         super().__init__()
-        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=SLOT_DIM,
+        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=slot_dim,
                                                    input_mlp=True, output_mlp=False, attention=attention,
                                                    checkpointing=checkpointing)
         query_dim = self.allocation_transformer.query_encoder.out_dim  # 180
-        self.mixing_block = MixingBlock(input_dim=query_dim, slot_dim=SLOT_DIM, att_dim=SLOT_DIM,
+        self.mixing_block = MixingBlock(input_dim=query_dim, slot_dim=slot_dim, att_dim=slot_dim,
                                         layer_norm=layer_norm)
-        self.render_mlp = RenderMLP(SLOT_DIM + query_dim)
+        self.render_mlp = RenderMLP(slot_dim + query_dim, hidden_dim)
 
     def forward(self, slots: Tensor, camera_pos: Tensor, rays: Tensor, **render_kwargs) -> Tuple[Tensor, Extras]:
-        """slots [b, s, 1536], camera_pos [b, r, 3], rays [b, r, 3] -> pixels [b, r, 3], {'segmentation': [b, r, s]}."""
+        """slots [b, s, slot_dim], camera_pos [b, r, 3], rays [b, r, 3] -> pixels [b, r, 3],
+        {'segmentation': [b, r, s]}."""
         allocation = self.allocation_transformer
         queries = allocation.input_mlp(allocation.query_encoder(camera_pos, rays))  # [b, r, 180]
         x = allocation.transformer(queries, slots)  # [b, r, 180]
@@ -151,14 +161,17 @@ class SpatialBroadcastDecoder(nn.Module):
     """Each slot decoded on its own (``decoder: spatial_broadcast``): [ray code, slot] -> (logit, RGB);
     pixels are the slots' colours mixed by the softmax of the logits over the slots."""
 
-    def __init__(self, pos_start_octave: int = 0, attention: AttentionImpl = 'auto',
+    def __init__(self, pos_start_octave: int = 0, slot_dim: int = SLOT_DIM,
+                 hidden_dim: int = RENDER_HIDDEN, attention: AttentionImpl = 'auto',
                  checkpointing: bool = False) -> None:
         super().__init__()  # attention/checkpointing: no attention here; accepted like every decoder
         self.query_encoder = RayEncoder(pos_octaves=15, pos_start_octave=pos_start_octave, ray_octaves=15)
-        self.render_mlp = nn.Sequential(*_render_layers(self.query_encoder.out_dim + SLOT_DIM, 4))
+        self.render_mlp = nn.Sequential(*_render_layers(self.query_encoder.out_dim + slot_dim, 4,
+                                                        hidden_dim))
 
     def forward(self, slots: Tensor, camera_pos: Tensor, rays: Tensor, **render_kwargs) -> Tuple[Tensor, Extras]:
-        """slots [b, s, 1536], camera_pos [b, r, 3], rays [b, r, 3] -> pixels [b, r, 3], {'segmentation': [b, r, s]}."""
+        """slots [b, s, slot_dim], camera_pos [b, r, 3], rays [b, r, 3] -> pixels [b, r, 3],
+        {'segmentation': [b, r, s]}."""
         b, s, d = slots.shape
         r = rays.shape[1]
         queries = self.query_encoder(camera_pos, rays)  # [b, r, 180]
