@@ -2,6 +2,7 @@
 validation scores, segmentation pictures, evaluation CSV, videos with --segmentation, two DDP ranks;
 and evaluation of a reference-format OSRT checkpoint picks the reference's OSRT config."""
 import json
+import socket
 import subprocess
 import sys
 
@@ -92,7 +93,10 @@ def resolved(run_dir):
 def test_torchrun_two_cpu_ranks_train_osrt(msn_hard_shards, tmp_path):
     config = tiny_config(tmp_path / 'c.yaml', validate_every=0, visualize_every=0)
     out = tmp_path / 'ddp'
-    run('-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531', '-m',
+    with socket.socket() as s:  # a free port: other runs of the suite may share this machine
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    run('-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port, '-m',
         'srt.train', '--shards', msn_hard_shards, '--config', config, '--out', out, '--debug-ddp')
     ranks = json.loads((out / 'ddp_debug.json').read_text())
     assert ranks[0]['param_sum'] == ranks[1]['param_sum']
