@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.fetch import ShardFetcher
-from pipeline.multiview import MultiViewStream, ShardRef, as_refs
+from pipeline.multiview import MultiViewStream, ShardRef, as_refs, split_shards  # noqa: F401
 from pipeline.reader import Scene, ShardError, iter_shard
 from pipeline.reader import shard_table  # noqa: F401  (the trainer's and tools' name for it)
 from pipeline.streamstate import StreamTracker, merge_states
@@ -113,6 +113,7 @@ class StreamState(StreamTracker):
                 'global_batch': world_size * batch_size}
         super().__init__(meta, [world_size, num_workers, batch_size, shards_per_visit, buffer],
                          state, rank)
+        self._fetch_last = self._fetch_counts()
 
     @classmethod
     def of(cls, stream: MultiViewStream, num_workers: int, state: dict[str, Any] | None = None
@@ -122,6 +123,32 @@ class StreamState(StreamTracker):
         out = cls.__new__(cls)
         StreamTracker.__init__(out, stream.meta, stream.layout(num_workers).to_list(), state,
                                stream.rank)
+        out._fetch_last = out._fetch_counts()  # a resumed state's counts are earlier runs'
+        return out
+
+    def update(self, batch: dict[str, Any]) -> None:
+        super().update(batch)
+        if batch.get('_failed'):
+            self.__dict__.setdefault('_failed', []).extend(batch['_failed'])
+
+    def _fetch_counts(self) -> dict[str, int]:
+        return {k: n for k, n in self.counts.items() if k.startswith('fetch/')}
+
+    def fetch_record(self) -> dict[str, Any]:
+        """metrics.jsonl's remote-read fields since the previous call, summed over ranks (a
+        collective under DDP: call it on every rank): ``fetch_<counter>`` (``fetch_retries``,
+        ``fetch_gave_up``, ``fetch_cache_hits``...: ``pipeline.remote.FetchCounters``) and
+        ``failed_shards``, the shards skipped with their reason and scene count."""
+        counts = self._fetch_counts()
+        mine = {k: n - self._fetch_last.get(k, 0) for k, n in counts.items()}
+        self._fetch_last, failed = counts, self.__dict__.pop('_failed', [])
+        out: dict[str, Any] = {'fetch_retries': 0, 'fetch_gave_up': 0}
+        for part, records in gather_lists([(mine, failed)]):
+            for k, n in part.items():
+                out[f'fetch_{k[6:]}'] = out.get(f'fetch_{k[6:]}', 0) + n
+            out.setdefault('failed_shards', []).extend(records)
+        if not out['failed_shards']:
+            del out['failed_shards']
         return out
 
     def global_state(self) -> dict[str, Any]:
@@ -174,7 +201,8 @@ class EvalStream(MultiViewStream):
 
     def __init__(self, cfg: DataConfig, shards: Sequence[tuple | ShardRef], batch_size: int, *,
                  rank: int = 0, world_size: int = 1, max_scenes: int | None = None,
-                 seed: int = 0, skip_bad: bool = False, num_views: int | None = None):
+                 seed: int = 0, skip_bad: bool = False, num_views: int | None = None,
+                 fetcher: ShardFetcher | None = None):
         # Evaluation scores novel views only, whatever the training targets are.
         cfg = dataclasses.replace(cfg, train_on_inputs=False)
         limited, left = [], max_scenes
@@ -187,7 +215,7 @@ class EvalStream(MultiViewStream):
         super().__init__(limited, batch_size, SRTItems(cfg, key_seed=seed, tag=True),
                          samples_per_scene=_samples_per_scene(cfg, limited, num_views),
                          seed=seed, rank=rank, world_size=world_size, train=False,
-                         collate=_eval_collate, faults=_EvalFaults(skip_bad))
+                         collate=_eval_collate, fetcher=fetcher, faults=_EvalFaults(skip_bad))
         self.cfg = cfg
 
     @property
@@ -214,11 +242,11 @@ def _as_list(items: list[dict]) -> list[dict]:
 
 
 def fixed_items(cfg: DataConfig, shards: Sequence[tuple | ShardRef], num_scenes: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, fetcher: ShardFetcher | None = None) -> dict[str, Any]:
     """A collated batch of one item from each of the first ``num_scenes`` scenes (views and pixels
     drawn from key-seeded generators): the fixed scenes of the visualisations."""
     stream = MultiViewStream(shards, 1, _FixedItem(cfg, seed), seed=seed, train=False,
-                             collate=_as_list)
+                             collate=_as_list, fetcher=fetcher)
     items: list[dict] = []
     for batch in stream:
         items += batch
