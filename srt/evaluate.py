@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
                         seed=seed, skip_bad=args.skip_bad, fetcher=fetcher)
     bar = tqdm(desc=f'evaluate {args.split}', unit='item', disable=rank != 0)
     summary, records = evaluate(model, loader(stream, args.workers), device,
-                                runtime.render_kwargs(cfg, args.shards),
+                                runtime.render_kwargs(cfg, args.shards, args.shard_url),
                                 runtime.autocast(device, args.precision), full_scale=full,
                                 progress=bar)
     bar.close()

@@ -187,7 +187,7 @@ def build(args: argparse.Namespace, cfg: run_config.RunConfig, manifest: dict[st
     return Run(args=args, cfg=cfg, resolved=cfg.to_dict(), rank=rank, world=world, device=device,
                micro=micro, out_dir=out_dir, eval_split=eval_split, model=model, optimizer=optimizer,
                num_views=sum(1 for m in manifest['members'] if m.startswith(f'{RGB_PREFIX}_')),
-               render_kwargs=runtime.render_kwargs(cfg, args.shards),
+               render_kwargs=runtime.render_kwargs(cfg, args.shards, args.shard_url),
                autocast=runtime.autocast(device, cfg.training.precision),
                compiled=cfg.training.compile if cfg.training.compile is not None else
                device.type == 'cuda')
