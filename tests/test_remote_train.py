@@ -188,3 +188,15 @@ def test_the_trainer_stops_on_a_full_disk_and_the_previous_checkpoint_resumes(nm
     proc = train(nmr_shards, config, run)
     assert proc.returncode == 0 and 'at iteration 1' in proc.stdout, proc.stderr[-3000:]
     assert torch.load(run / 'model.pt', weights_only=True)['it'] == 2
+
+
+def test_a_refused_metrics_append_is_named(tmp_path, monkeypatch):
+    from srt import runlog
+    log = runlog.RunLog(str(tmp_path))
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runlog, 'open', full, raising=False)
+    with pytest.raises(checkpoint.OutputError, match='metrics.jsonl: cannot write metrics.jsonl'):
+        log.write({'it': 1})
