@@ -55,10 +55,11 @@ class SRTItems:
         return out
 
 
-def _num_views(shards: Sequence[ShardRef]) -> int:
+def _num_views(shards: Sequence[ShardRef], fetcher: ShardFetcher | None = None) -> int:
     """Views per scene, from the split's first scene (SRT's sets have one view count)."""
+    fetcher = fetcher or ShardFetcher()
     for ref in shards:
-        samples = iter_shard(ref.url)
+        samples = iter_shard(ref.url, fetcher.open(ref.url, ref.entry))
         try:
             sample = next(samples, None)
         finally:
@@ -68,10 +69,12 @@ def _num_views(shards: Sequence[ShardRef]) -> int:
     raise ValueError('no scenes in the shards')
 
 
-def _samples_per_scene(cfg: DataConfig, shards: Sequence[ShardRef], num_views: int | None) -> int:
+def _samples_per_scene(cfg: DataConfig, shards: Sequence[ShardRef], num_views: int | None,
+                       fetcher: ShardFetcher | None = None) -> int:
     if cfg.dataset in MSN_LIKE:
         return 1
-    return items_per_scene(cfg, num_views if num_views is not None else _num_views(shards))
+    return items_per_scene(cfg, num_views if num_views is not None else
+                           _num_views(shards, fetcher))
 
 
 class TrainStream(MultiViewStream):
@@ -90,8 +93,9 @@ class TrainStream(MultiViewStream):
             raise ValueError('TrainStream: no shards')
         self.cfg, self.total_scenes = cfg, sum(r.scenes for r in refs)
         super().__init__(refs, batch_size, SRTItems(cfg),
-                         samples_per_scene=_samples_per_scene(cfg, refs, num_views), seed=seed,
-                         rank=rank, world_size=world_size, shards_per_visit=shards_per_visit,
+                         samples_per_scene=_samples_per_scene(cfg, refs, num_views, fetcher),
+                         seed=seed, rank=rank, world_size=world_size,
+                         shards_per_visit=shards_per_visit,
                          buffer=item_buffer, collate=collate, fetcher=fetcher, state=state)
 
     def batches_per_epoch(self, num_views: int) -> int:
@@ -213,7 +217,7 @@ class EvalStream(MultiViewStream):
             limited.append(ShardRef(ref.url, take, ref.entry))
             left = None if left is None else left - take
         super().__init__(limited, batch_size, SRTItems(cfg, key_seed=seed, tag=True),
-                         samples_per_scene=_samples_per_scene(cfg, limited, num_views),
+                         samples_per_scene=_samples_per_scene(cfg, limited, num_views, fetcher),
                          seed=seed, rank=rank, world_size=world_size, train=False,
                          collate=_eval_collate, fetcher=fetcher, faults=_EvalFaults(skip_bad))
         self.cfg = cfg
