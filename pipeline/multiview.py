@@ -21,7 +21,8 @@ across ranks and workers in manifest order, last batches partial.
 Every batch carries ``_pos`` [worker, epoch, positions walked] (for ``StreamTracker``), ``_bad``
 (unreadable shards and scenes since the previous batch) and ``_events`` (counts since the previous
 batch: ``repeated``, ``skipped/<reason>``, ``bad_shards``, ``bad_scenes``, ``missing_scenes``,
-``fetch/<counter>``). A sample's draws come from (seed, epoch, shard, scene, item, repeat round).
+``fetch/<counter>``), and ``_failed`` when shards were skipped since then (``ShardFaults.take()``).
+A sample's draws come from (seed, epoch, shard, scene, item, repeat round).
 """
 from __future__ import annotations
 
@@ -213,6 +214,9 @@ class MultiViewStream(IterableDataset):
         out['_pos'] = np.array([slot % workers, epoch, walked], np.int64)
         out['_bad'] = np.array(events['bad_shards'] + events['bad_scenes'], np.int64)
         out['_events'] = {k: int(n) for k, n in events.items() if n}
+        failed = self.faults.take() if hasattr(self.faults, 'take') else None
+        if failed:  # shards skipped since the previous batch: url, reason, scenes
+            out['_failed'] = failed
         return out
 
     def _item(self, order: ep.EpochOrder, gid: int, scene: Scene | str, rnd: int, step: int,

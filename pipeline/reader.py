@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import cameras, tario
 from pipeline.decode import decode_image
+from pipeline.fetch import open_shard
 from pipeline.schema import (CAMERAS, IMAGE_EXTS, META, READABLE_SCHEMA_VERSIONS, extra_member,
                              rgb_member)
 
@@ -96,9 +97,9 @@ def render_range(directory: str, split: str = 'train', url_template: str | None 
 # ----------------------------------------------------------------------------- samples of a shard
 
 def open_url(url: str) -> BinaryIO:
-    """A binary stream for a local path, ``pipe:`` command, or http(s) URL (WebDataset's gopen)."""
-    import webdataset as wds
-    return wds.gopen(url, 'rb')
+    """A binary stream for a local path, ``pipe:`` command, http(s) URL or object-store URL, read
+    with retries (``pipeline.fetch``; streams pass the manifest entry to verify its sha256)."""
+    return open_shard(url)
 
 
 def iter_shard(url: str, stream: BinaryIO | None = None) -> Iterator[dict[str, Any]]:

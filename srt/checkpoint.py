@@ -10,6 +10,7 @@ runs; numpy scalars, which older training scripts may have stored, are allowed).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 from typing import Any, Dict, List, Mapping, Tuple, Union
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.durable import OutputError, atomic_output
 from pipeline.reader import read_manifest
 from srt import config as run_config
 from srt.model import SRT
@@ -163,14 +165,25 @@ def reference_state_dicts(model: nn.Module) -> Dict[str, StateDict]:
 
 # ----------------------------------------------------------------------------- saving and resuming
 
+_last_size: Dict[str, int] = {}  # bytes of the last checkpoint this process wrote, per directory
+
+
 def save_checkpoint(path: Union[str, os.PathLike], payload: Mapping[str, Any]) -> None:
-    """Write atomically: a temporary file, fsync, rename (a kill never leaves half a checkpoint)."""
-    tmp = f'{os.fspath(path)}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
+    """Write atomically: a temporary file, fsync, rename (a kill never leaves half a checkpoint).
+    A full disk, a read-only file system, a quota or permissions raise ``OutputError`` naming the
+    path, before writing when the free space is under twice the previous checkpoint's size; the
+    previous file at ``path`` is then untouched and no temporary file is left."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    size = os.path.getsize(path) if os.path.exists(path) else _last_size.get(directory, 0)
+    st = os.statvfs(directory)
+    if st.f_bavail * st.f_frsize < 2 * size:
+        raise OutputError(errno.ENOSPC, f'cannot write checkpoint: {st.f_bavail * st.f_frsize:,} '
+                          f'bytes free, about {2 * size:,} needed (free space or use another '
+                          '--out; the previous checkpoint resumes the run)', path)
+    with atomic_output(path, 'checkpoint') as f:
         torch.save(dict(payload), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _last_size[directory] = os.path.getsize(path)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 from typing import Any
 
 import yaml
 
+from pipeline.fetch import FetchOptions
+from pipeline.remote import RetryPolicy
 from srt.data import DATASET_ALIASES, DataConfig
 from srt.model.init import INIT_SCHEMES
 from srt.model import ModelConfig
@@ -236,6 +239,51 @@ def add_override_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--max-eval', type=int, help='evaluate on the first N scenes only')
     g.add_argument('--deterministic', action='store_true', default=None,
                    help='deterministic torch algorithms (for exact-resume checks)')
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchConfig:
+    """How remote shards are read (docs/REMOTE.md): a machine's settings, not the run's, so they
+    are flags only (not in the YAML or the checkpoint)."""
+    cache_dir: str | None = None  # --cache-dir: keep verified remote shards here (LRU)
+    cache_gb: float = 100.0  # --cache-gb: bound of the cache
+    retries: int = 6  # --fetch-retries: failed attempts in a row before a shard is given up
+    timeout: float = 60.0  # --fetch-timeout: seconds a connect or one read may block
+
+    def __post_init__(self):
+        if not self.cache_gb > 0:
+            raise ValueError(f'--cache-gb must be > 0, got {self.cache_gb}')
+        if self.retries < 0:
+            raise ValueError(f'--fetch-retries must be >= 0, got {self.retries}')
+        if not self.timeout > 0:
+            raise ValueError(f'--fetch-timeout must be > 0 seconds, got {self.timeout}')
+        if self.cache_dir is not None and os.path.exists(self.cache_dir) and \
+                not os.path.isdir(self.cache_dir):
+            raise ValueError(f'--cache-dir {self.cache_dir} is not a directory')
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> 'FetchConfig':
+        return cls(args.cache_dir, args.cache_gb, args.fetch_retries, args.fetch_timeout)
+
+    def options(self) -> FetchOptions:
+        """The ``pipeline.fetch.ShardFetcher`` options of these settings."""
+        return FetchOptions(cache_dir=self.cache_dir, cache_bytes=int(self.cache_gb * 2**30),
+                            retry=RetryPolicy(retries=self.retries, timeout=self.timeout))
+
+
+def add_fetch_flags(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir``, ``--cache-gb``, ``--fetch-retries``, ``--fetch-timeout`` (FetchConfig)."""
+    d = FetchConfig()
+    g = parser.add_argument_group('remote shards (--shard-url http(s)://, pipe:, s3://, gs://)')
+    g.add_argument('--cache-dir', help='keep remote shards here once their sha256 matches the '
+                   'manifest (a local disk; shared by ranks, workers and runs)')
+    g.add_argument('--cache-gb', type=float, default=d.cache_gb, help='size bound of --cache-dir '
+                   '(least recently used shards are evicted)')
+    g.add_argument('--fetch-retries', type=int, default=d.retries, help='failed reads of a shard '
+                   'in a row (with backoff) before it is given up: skipped in training, an error '
+                   'in evaluation')
+    g.add_argument('--fetch-timeout', type=float, default=d.timeout,
+                   help='seconds a connect or one read of a remote shard may block')
 
 
 def resolve(dataset: str, config_path: str | None = None, model: str = 'srt',

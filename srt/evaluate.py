@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.fetch import ShardFetcher
 from pipeline.reader import ShardError
 from srt import runtime
+from srt.config import FetchConfig, add_fetch_flags
 from srt.checkpoint import CheckpointError, load_for_evaluation
 from srt.data import to_model_inputs
 from srt.distributed import gather_lists, setup_distributed, shutdown
-from srt.loader import EvalStream, loader, shard_table
+from srt.loader import EvalStream, loader, split_shards
 from srt.metrics import mse2psnr, nanmean, scorable, segmentation_scores, ssim
 from srt.model.rendering import render_rays
 from srt.objects import (OBJECT_METRICS, generator_of, has_object_masks, object_blind_pixels,
@@ -138,6 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=1)
     p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
     p.add_argument('--skip-bad', action='store_true', help='skip unreadable shards (counted)')
+    p.add_argument('--shard-url', help="read the shards from this URL template, e.g. "
+                   "'https://host/msn/{name}' (--shards then only needs the manifests; remote "
+                   "shards are checked against the manifest's sha256)")
+    add_fetch_flags(p)
     p.add_argument('--out', help='directory for <split>_scenes.csv and <split>_summary.json '
                    '(default: the checkpoint\'s directory)')
     return p.parse_args(argv)
@@ -188,12 +194,13 @@ def run(args: argparse.Namespace) -> None:
     data = dataclasses.replace(cfg.data, full_scale=full, object_masks=objects,
                                num_points=args.num_points or cfg.data.num_points)
     seed = args.seed if args.seed is not None else cfg.training.seed
-    stream = EvalStream(data, shard_table(args.shards, args.split), args.batch_size, rank=rank,
-                        world_size=world, max_scenes=args.max_eval, seed=seed,
-                        skip_bad=args.skip_bad)
+    fetcher = ShardFetcher(FetchConfig.from_args(args).options())
+    stream = EvalStream(data, split_shards(args.shards, args.split, args.shard_url),
+                        args.batch_size, rank=rank, world_size=world, max_scenes=args.max_eval,
+                        seed=seed, skip_bad=args.skip_bad, fetcher=fetcher)
     bar = tqdm(desc=f'evaluate {args.split}', unit='item', disable=rank != 0)
     summary, records = evaluate(model, loader(stream, args.workers), device,
-                                runtime.render_kwargs(cfg, args.shards),
+                                runtime.render_kwargs(cfg, args.shards, args.shard_url),
                                 runtime.autocast(device, args.precision), full_scale=full,
                                 progress=bar, object_blind=blind)
     bar.close()

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.fetch import ShardFetcher
-from pipeline.multiview import MultiViewStream, ShardRef, as_refs
+from pipeline.multiview import MultiViewStream, ShardRef, as_refs, split_shards  # noqa: F401
 from pipeline.reader import Scene, ShardError, iter_shard
 from pipeline.reader import shard_table  # noqa: F401  (the trainer's and tools' name for it)
 from pipeline.streamstate import StreamTracker, merge_states
@@ -55,10 +55,11 @@ class SRTItems:
         return out
 
 
-def _num_views(shards: Sequence[ShardRef]) -> int:
+def _num_views(shards: Sequence[ShardRef], fetcher: ShardFetcher | None = None) -> int:
     """Views per scene, from the split's first scene (SRT's sets have one view count)."""
+    fetcher = fetcher or ShardFetcher()
     for ref in shards:
-        samples = iter_shard(ref.url)
+        samples = iter_shard(ref.url, fetcher.open(ref.url, ref.entry))
         try:
             sample = next(samples, None)
         finally:
@@ -68,10 +69,12 @@ def _num_views(shards: Sequence[ShardRef]) -> int:
     raise ValueError('no scenes in the shards')
 
 
-def _samples_per_scene(cfg: DataConfig, shards: Sequence[ShardRef], num_views: int | None) -> int:
+def _samples_per_scene(cfg: DataConfig, shards: Sequence[ShardRef], num_views: int | None,
+                       fetcher: ShardFetcher | None = None) -> int:
     if cfg.dataset in MSN_LIKE:
         return 1
-    return items_per_scene(cfg, num_views if num_views is not None else _num_views(shards))
+    return items_per_scene(cfg, num_views if num_views is not None else
+                           _num_views(shards, fetcher))
 
 
 class TrainStream(MultiViewStream):
@@ -90,8 +93,9 @@ class TrainStream(MultiViewStream):
             raise ValueError('TrainStream: no shards')
         self.cfg, self.total_scenes = cfg, sum(r.scenes for r in refs)
         super().__init__(refs, batch_size, SRTItems(cfg),
-                         samples_per_scene=_samples_per_scene(cfg, refs, num_views), seed=seed,
-                         rank=rank, world_size=world_size, shards_per_visit=shards_per_visit,
+                         samples_per_scene=_samples_per_scene(cfg, refs, num_views, fetcher),
+                         seed=seed, rank=rank, world_size=world_size,
+                         shards_per_visit=shards_per_visit,
                          buffer=item_buffer, collate=collate, fetcher=fetcher, state=state)
 
     def batches_per_epoch(self, num_views: int) -> int:
@@ -113,6 +117,7 @@ class StreamState(StreamTracker):
                 'global_batch': world_size * batch_size}
         super().__init__(meta, [world_size, num_workers, batch_size, shards_per_visit, buffer],
                          state, rank)
+        self._fetch_last = self._fetch_counts()
 
     @classmethod
     def of(cls, stream: MultiViewStream, num_workers: int, state: dict[str, Any] | None = None
@@ -122,6 +127,32 @@ class StreamState(StreamTracker):
         out = cls.__new__(cls)
         StreamTracker.__init__(out, stream.meta, stream.layout(num_workers).to_list(), state,
                                stream.rank)
+        out._fetch_last = out._fetch_counts()  # a resumed state's counts are earlier runs'
+        return out
+
+    def update(self, batch: dict[str, Any]) -> None:
+        super().update(batch)
+        if batch.get('_failed'):
+            self.__dict__.setdefault('_failed', []).extend(batch['_failed'])
+
+    def _fetch_counts(self) -> dict[str, int]:
+        return {k: n for k, n in self.counts.items() if k.startswith('fetch/')}
+
+    def fetch_record(self) -> dict[str, Any]:
+        """metrics.jsonl's remote-read fields since the previous call, summed over ranks (a
+        collective under DDP: call it on every rank): ``fetch_<counter>`` (``fetch_retries``,
+        ``fetch_gave_up``, ``fetch_cache_hits``...: ``pipeline.remote.FetchCounters``) and
+        ``failed_shards``, the shards skipped with their reason and scene count."""
+        counts = self._fetch_counts()
+        mine = {k: n - self._fetch_last.get(k, 0) for k, n in counts.items()}
+        self._fetch_last, failed = counts, self.__dict__.pop('_failed', [])
+        out: dict[str, Any] = {'fetch_retries': 0, 'fetch_gave_up': 0}
+        for part, records in gather_lists([(mine, failed)]):
+            for k, n in part.items():
+                out[f'fetch_{k[6:]}'] = out.get(f'fetch_{k[6:]}', 0) + n
+            out.setdefault('failed_shards', []).extend(records)
+        if not out['failed_shards']:
+            del out['failed_shards']
         return out
 
     def global_state(self) -> dict[str, Any]:
@@ -174,7 +205,8 @@ class EvalStream(MultiViewStream):
 
     def __init__(self, cfg: DataConfig, shards: Sequence[tuple | ShardRef], batch_size: int, *,
                  rank: int = 0, world_size: int = 1, max_scenes: int | None = None,
-                 seed: int = 0, skip_bad: bool = False, num_views: int | None = None):
+                 seed: int = 0, skip_bad: bool = False, num_views: int | None = None,
+                 fetcher: ShardFetcher | None = None):
         # Evaluation scores novel views only, whatever the training targets are.
         cfg = dataclasses.replace(cfg, train_on_inputs=False)
         limited, left = [], max_scenes
@@ -185,9 +217,9 @@ class EvalStream(MultiViewStream):
             limited.append(ShardRef(ref.url, take, ref.entry))
             left = None if left is None else left - take
         super().__init__(limited, batch_size, SRTItems(cfg, key_seed=seed, tag=True),
-                         samples_per_scene=_samples_per_scene(cfg, limited, num_views),
+                         samples_per_scene=_samples_per_scene(cfg, limited, num_views, fetcher),
                          seed=seed, rank=rank, world_size=world_size, train=False,
-                         collate=_eval_collate, faults=_EvalFaults(skip_bad))
+                         collate=_eval_collate, fetcher=fetcher, faults=_EvalFaults(skip_bad))
         self.cfg = cfg
 
     @property
@@ -214,11 +246,11 @@ def _as_list(items: list[dict]) -> list[dict]:
 
 
 def fixed_items(cfg: DataConfig, shards: Sequence[tuple | ShardRef], num_scenes: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, fetcher: ShardFetcher | None = None) -> dict[str, Any]:
     """A collated batch of one item from each of the first ``num_scenes`` scenes (views and pixels
     drawn from key-seeded generators): the fixed scenes of the visualisations."""
     stream = MultiViewStream(shards, 1, _FixedItem(cfg, seed), seed=seed, train=False,
-                             collate=_as_list)
+                             collate=_as_list, fetcher=fetcher)
     items: list[dict] = []
     for batch in stream:
         items += batch

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.durable import output_error
+
 
 class RunLog:
     def __init__(self, out_dir: str, enabled: bool = True) -> None:
@@ -49,7 +51,10 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(self.metrics_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # a full or read-only disk: named, as a checkpoint's
+            raise output_error(e, self.metrics_path, 'metrics.jsonl') or e
         if self.wandb is not None:
             self.wandb.log(record, step=record['it'])

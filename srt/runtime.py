@@ -15,13 +15,15 @@ from srt.config import RunConfig
 AutocastFactory = Callable[[], ContextManager]
 
 
-def render_kwargs(cfg: RunConfig, shards_dir: str) -> dict[str, Any]:
-    """The decoder's keyword arguments for a run on the shards in ``shards_dir``: for the
-    volumetric decoder the dataset's near/far (world units, from the train split's manifest or
-    metadata) and the config's sample counts; nothing for the others."""
+def render_kwargs(cfg: RunConfig, shards_dir: str, url_template: str | None = None
+                  ) -> dict[str, Any]:
+    """The decoder's keyword arguments for a run on the shards in ``shards_dir`` (read from
+    ``url_template`` when given, ``--shard-url``): for the volumetric decoder the dataset's
+    near/far (world units, from the train split's manifest or metadata) and the config's sample
+    counts; nothing for the others."""
     if cfg.model.decoder != 'nerf':
         return {}
-    near, far = render_range(shards_dir, 'train')
+    near, far = render_range(shards_dir, 'train', url_template)
     return {'min_dist': near, 'max_dist': far,
             'num_coarse_samples': cfg.training.num_coarse_samples,
             'num_fine_samples': cfg.training.num_fine_samples}

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from pipeline.durable import OutputError
+from pipeline.fetch import ShardFetcher
 from pipeline.reader import read_manifest
 from pipeline.schema import RGB_PREFIX
 from srt import config as run_config
@@ -30,7 +32,7 @@ from srt.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
                             resume_training, save_checkpoint, training_checkpoint)
 from srt.data import to_model_inputs
 from srt.evaluate import evaluate
-from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, shard_table
+from srt.loader import EvalStream, StreamState, TrainStream, fixed_items, loader, split_shards
 from srt.loss import LOSS_TERMS, FiniteGuard, NonFiniteLoss, srt_loss
 from srt.metrics import get_lr, mse2psnr
 from srt.model import count_parameters
@@ -54,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--init', help='start from the weights of this checkpoint (ours or the '
                    "reference's) when the run directory has none")
     run_config.add_override_flags(p)
+    run_config.add_fetch_flags(p)
     p.add_argument('--exit-after', type=int, help='exit after this many iterations of this run')
     p.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this much '
                    'training time in this run')
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
             state.run_id = run.log.start_wandb(state.run_id, run.resolved)
         train_loop(run, state)
         finish(run, state)
-    except (NonFiniteLoss, CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
+    except (NonFiniteLoss, CheckpointError, FileNotFoundError, ImportError, ValueError,
+            OutputError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     finally:
@@ -156,6 +160,7 @@ def read_shards(args: argparse.Namespace, master: bool) -> tuple[dict[str, Any],
     if not os.path.isdir(args.shards):
         raise FileNotFoundError(f'{args.shards}: no such shard directory (convert a dataset first: '
                                 'tools/convert_*.py)')
+    run_config.FetchConfig.from_args(args)  # the fetch flags, checked before anything is built
     manifest = read_manifest(args.shards, 'train')
     if manifest['num_scenes'] == 0:
         raise ValueError(f'{args.shards}: the train split has no scenes')
@@ -183,7 +188,7 @@ def build(args: argparse.Namespace, cfg: run_config.RunConfig, manifest: dict[st
                micro=micro, out_dir=out_dir, eval_split=eval_split, model=model, optimizer=optimizer,
                num_views=manifest.get('max_views') or  # schema 1: count the members
                sum(1 for m in manifest['members'] if m.startswith(f'{RGB_PREFIX}_')),
-               render_kwargs=runtime.render_kwargs(cfg, args.shards),
+               render_kwargs=runtime.render_kwargs(cfg, args.shards, args.shard_url),
                autocast=runtime.autocast(device, cfg.training.precision),
                compiled=cfg.training.compile if cfg.training.compile is not None else
                device.type == 'cuda')
@@ -232,23 +237,27 @@ def prepare_run_dir(run: Run, state: TrainState) -> None:
 def open_streams(run: Run, state: TrainState) -> None:
     """The training and evaluation streams, the visualisation batches, and the step model."""
     tc, args, cuda = run.cfg.training, run.args, run.device.type == 'cuda'
-    train_shards = shard_table(args.shards, 'train', args.shard_url)
+    # Remote shards are verified against the manifest's sha256 (docs/REMOTE.md); each DataLoader
+    # worker gets the options and counts its own retries into the batches' events.
+    fetcher = ShardFetcher(run_config.FetchConfig.from_args(args).options())
+    train_shards = split_shards(args.shards, 'train', args.shard_url)
     # --full-scale is for evaluation only: training always samples num_points rays per scene.
     train_data = dataclasses.replace(run.cfg.data, full_scale=False)
     stream = TrainStream(train_data, train_shards, run.micro, seed=tc.seed, rank=run.rank,
                          world_size=run.world, shards_per_visit=tc.shards_per_visit,
-                         item_buffer=tc.item_buffer, state=state.data_state, num_views=run.num_views)
+                         item_buffer=tc.item_buffer, state=state.data_state, num_views=run.num_views,
+                         fetcher=fetcher)
     run.stream_state = StreamState.of(stream, tc.num_workers, state.data_state)
     run.batches_per_epoch = max(1, stream.batches_per_epoch(run.num_views) // tc.grad_accum)
     run.train_iter = iter(loader(stream, tc.num_workers, pin_memory=cuda))
-    eval_shards = shard_table(args.shards, run.eval_split, args.shard_url)
+    eval_shards = split_shards(args.shards, run.eval_split, args.shard_url)
     eval_bs = tc.eval_batch_size or max(1, tc.batch_size // run.world // 8)
     run.eval_stream = EvalStream(run.cfg.data, eval_shards, eval_bs, rank=run.rank,
                                  world_size=run.world, max_scenes=tc.max_eval, seed=tc.seed,
-                                 skip_bad=args.skip_bad, num_views=run.num_views)
+                                 skip_bad=args.skip_bad, num_views=run.num_views, fetcher=fetcher)
     if run.master and (tc.visualize_every > 0 or args.visnow):
-        run.vis = {'val': fixed_items(run.cfg.data, eval_shards, tc.vis_scenes, tc.seed),
-                   'train': fixed_items(run.cfg.data, train_shards, tc.vis_scenes, tc.seed)}
+        run.vis = {'val': fixed_items(run.cfg.data, eval_shards, tc.vis_scenes, tc.seed, fetcher),
+                   'train': fixed_items(run.cfg.data, train_shards, tc.vis_scenes, tc.seed, fetcher)}
     run.step_model = torch.compile(run.model) if run.compiled else run.model
     if run.world > 1:
         run.step_model = nn.parallel.DistributedDataParallel(
@@ -305,17 +314,17 @@ def _due(state: TrainState, every: int) -> bool:
 
 
 def run_validation(run: Run, state: TrainState) -> None:
-    """Evaluate on the evaluation split; rank 0 logs it and keeps model_best.pt."""
+    """Evaluate on the evaluation split; rank 0 logs it and writes model_best.pt."""
     tc = run.cfg.training
     bar = tqdm(desc=f'eval {run.eval_split}', unit='item', leave=False, disable=not run.master)
     summary, _ = evaluate(run.model, loader(run.eval_stream, min(tc.num_workers, 2)), run.device,
                           run.render_kwargs, run.autocast, run.args.full_scale, progress=bar)
     bar.close()
-    if not run.master:
-        return
-    run.log.write({'it': state.it, **{f'val_{k}': v for k, v in summary.items()}})
-    run.bar.write(f'it {state.it}: {run.eval_split} ' + ', '.join(
-        f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in summary.items()))
+    if run.master:
+        run.log.write({'it': state.it, **{f'val_{k}': v for k, v in summary.items()}})
+        run.bar.write(f'it {state.it}: {run.eval_split} ' + ', '.join(
+            f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in summary.items()))
+    # Every rank has the gathered summary and takes the same branch (write_checkpoint agrees).
     sign = 1.0 if tc.model_selection_mode == 'maximize' else -1.0
     if state.best is None or sign * (summary[tc.model_selection_metric] - state.best) > 0:
         state.best = summary[tc.model_selection_metric]
@@ -323,14 +332,22 @@ def run_validation(run: Run, state: TrainState) -> None:
 
 
 def write_checkpoint(run: Run, state: TrainState, path: str) -> None:
-    """Rank 0 writes (atomically); every rank remembers model.pt as the last checkpoint."""
-    if path == run.path('model.pt'):
-        state.last_checkpoint = f'{path} (iteration {state.it})'
+    """Rank 0 writes (atomically); every rank remembers model.pt as the last checkpoint. When the
+    disk refuses it (``OutputError``) every rank stops, rather than train on unable to save."""
+    failed: OutputError | None = None
     if run.master:
         progress = {'it': state.it, 'epoch_it': state.epoch_it, 't': state.elapsed,
                     'loss_val_best': state.best, 'run_id': state.run_id}
-        save_checkpoint(path, training_checkpoint(run.model, run.optimizer, progress, run.resolved,
-                                                  run.data_state))
+        try:
+            save_checkpoint(path, training_checkpoint(run.model, run.optimizer, progress,
+                                                      run.resolved, run.data_state))
+        except OutputError as e:
+            failed = e
+    if distributed.broadcast_flag(failed is not None, run.device):
+        raise failed or OutputError(0, f'rank 0 could not write it (see its error); '
+                                    f'{state.last_checkpoint} resumes the run', path)
+    if path == run.path('model.pt'):
+        state.last_checkpoint = f'{path} (iteration {state.it})'
 
 
 def train_step(run: Run, state: TrainState) -> None:
@@ -380,6 +397,7 @@ def log_record(run: Run, state: TrainState) -> None:
               'scenes_per_s': state.scenes / (now - state.t_log),
               'step_time': (now - state.t_log) / steps, 'bad_data': run.stream_state.bad,
               'data_repeated': run.stream_state.repeated, 'data_skipped': run.stream_state.skipped,
+              **run.stream_state.fetch_record(),
               **runtime.peak_memory(run.device)}
     state.t_log, state.scenes = now, 0
     if run.master:
