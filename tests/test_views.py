@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import camtransforms as ct
-from pipeline.views import (BoundedSampler, EachViewAsInput, EvaluationIndex, LVSMSampler,
+from pipeline.views import (AllViews, BoundedSampler, EachViewAsInput, EvaluationIndex, LVSMSampler,
                             RandomInputs, SkipScene)
 
 
@@ -89,6 +89,13 @@ def test_evaluation_index_exact_format_null_missing_and_out_of_range():
                                                                             'target': []}}, [1]):
         with pytest.raises(ValueError, match='evaluation index'):
             EvaluationIndex(bad)
+
+
+def test_all_views():
+    assert AllViews()(scene(4), None) == AllViews()(scene(4), None, 9, 2)
+    choice = AllViews()(scene(4), None)
+    assert choice.context == (0, 1, 2, 3) and choice.target == ()
+    assert AllViews(targets=True)(scene(3), None).target == (0, 1, 2)
 
 
 def test_srt_reference_rules():
