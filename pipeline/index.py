@@ -53,6 +53,33 @@ def build(directory: str, split: str, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+# LMDB refuses a second environment on a file already open in the process: index objects of one
+# file share one read-only environment (path -> [environment, users]), closed with its last user.
+_OPEN: dict[tuple[str, int], list] = {}
+
+
+def _env_key(path: str) -> tuple[str, int]:
+    return os.path.realpath(path), os.stat(path).st_ino  # a rebuilt index is another file
+
+
+def _open_env(path: str) -> tuple[lmdb.Environment, tuple[str, int]]:
+    key = _env_key(path)
+    entry = _OPEN.get(key)
+    if entry is None:
+        entry = _OPEN[key] = [lmdb.open(path, subdir=False, readonly=True, lock=False), 0]
+    entry[1] += 1
+    return entry[0], key
+
+
+def _release_env(key: tuple[str, int]) -> None:
+    entry = _OPEN.get(key)
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _OPEN[key]
+
+
 class SceneIndex:
     """Read-only index of one split: ``len``, ``keys()``, ``locate`` and ``read`` by key or by the
     reference loader's scene index (an int)."""
@@ -65,10 +92,11 @@ class SceneIndex:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path}: no index (convert the split first, or run the '
                                     'converter with --finalize)')
-        self.env = lmdb.open(path, subdir=False, readonly=True, lock=False)
+        self.env, self._key = _open_env(path)
         with self.env.begin() as txn:
             self.info = json.loads(txn.get(_INFO))
         if self.info.get('schema_version') not in READABLE_SCHEMA_VERSIONS:
+            self.close()
             raise ShardError(f'{path}: schema version {self.info.get("schema_version")} is not '
                              f'one of {READABLE_SCHEMA_VERSIONS}')
         self._manifest_sha: dict[str, str] | None = None  # shard name -> sha256, read on first use
@@ -158,7 +186,9 @@ class SceneIndex:
         return Scene(self.read_sample(scene))
 
     def close(self) -> None:
-        self.env.close()
+        if self._key is not None:
+            _release_env(self._key)
+            self._key = None
 
 
 def read_scene(directory: str, split: str, scene: str | int) -> Scene:

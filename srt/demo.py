@@ -132,7 +132,7 @@ def save_heldout_grid(path: str, model, batch: dict, blind, views: int = 3, zoom
 
     from srt.data import to_model_inputs
     from srt.model.rendering import render_rays
-    from srt.visualize import save_grid
+    from srt.visualize import Rotations, save_grid
 
     x = to_model_inputs(batch)
     model.eval()
@@ -154,7 +154,7 @@ def save_heldout_grid(path: str, model, batch: dict, blind, views: int = 3, zoom
         for j, v in enumerate(pick):
             cols.append(big(images[:, v]))
             labels.append(f'{label} {j + 1}')
-    save_grid(path, inputs, cols, [], labels=labels)
+    save_grid(path, Rotations(inputs, cols, [], []), labels=labels)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = 'srt-shards demo',

@@ -216,3 +216,17 @@ def test_render_range_comes_from_the_manifest_or_the_scenes(nmr):
     manifest = json.loads((nmr / 'train.manifest.json').read_text())
     (nmr / 'train.manifest.json').write_text(json.dumps({**manifest, 'near': 0.5, 'far': 9.0}))
     assert render_range(str(nmr), 'train') == (0.5, 9.0)  # a dataset that carries its own
+
+
+def test_one_index_opened_twice_in_a_process(nmr_shards):
+    # LMDB refuses a second environment on an open file: index objects of one split share one
+    a = SceneIndex(str(nmr_shards), 'train')
+    b = SceneIndex(str(nmr_shards), 'train')
+    key = a.read(0).key
+    assert b.read(0).key == key
+    a.close()
+    assert b.read(1).c2w.shape == (24, 4, 4)  # still open for its other user
+    b.close()
+    c = SceneIndex(str(nmr_shards), 'train')  # opened again after its last user closed it
+    assert c.read(0).key == key
+    c.close()
