@@ -40,8 +40,11 @@ from srt.objects import (OBJECT_METRICS, generator_of, has_object_masks, object_
 @torch.no_grad()
 def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: dict[str, Any],
              autocast=contextlib.nullcontext, full_scale: bool = False, chunk: int = 16384,
-             progress=None, object_blind=None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+             progress=None, object_blind=None, lpips=None
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Returns (summary, per-item records) over all ranks. ``model`` is the unwrapped SRT.
+    ``lpips`` (full images only: ([n, h, w, 3], [n, h, w, 3]) in [0, 1] -> [n], e.g.
+    ``lpips_metric``'s) adds an 'lpips' column.
 
     Batches with object masks (``DataConfig.object_masks``) also get the object metrics
     (``srt.objects.object_scores``); ``object_blind`` (batch -> [b, p, 3] pixels, e.g.
@@ -72,6 +75,9 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
             t = pred.shape[1] // (h * w)
             s = ssim(pred.clamp(0, 1).reshape(b * t, h, w, 3), target.reshape(b * t, h, w, 3))
             item['ssim'] = s.reshape(b, t).mean(dim=1)
+            if lpips is not None:
+                item['lpips'] = lpips(pred.clamp(0, 1).reshape(b * t, h, w, 3),
+                                      target.reshape(b * t, h, w, 3)).reshape(b, t).mean(dim=1)
         if 'target_objects' in batch:
             item.update(object_scores(pred, target, batch, object_blind, hw))
         values = {k: v.cpu().numpy() for k, v in item.items()}
@@ -89,7 +95,7 @@ def evaluate(model, batches: Iterable[dict[str, Any]], device, render_kwargs: di
 
 
 # Per-item metrics, in report order (ari / fg_ari: OSRT's slot weights against the instance masks).
-METRICS = ('psnr', 'mse', 'ssim', 'coarse_mse', 'ari', 'fg_ari')
+METRICS = ('psnr', 'mse', 'ssim', 'lpips', 'coarse_mse', 'ari', 'fg_ari')
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -198,21 +204,21 @@ def run(args: argparse.Namespace) -> None:
     stream = EvalStream(data, split_shards(args.shards, args.split, args.shard_url),
                         args.batch_size, rank=rank, world_size=world, max_scenes=args.max_eval,
                         seed=seed, skip_bad=args.skip_bad, fetcher=fetcher)
+    lpips_fn, lpips_note = lpips_metric(device) if full else (None, 'LPIPS needs full images')
     bar = tqdm(desc=f'evaluate {args.split}', unit='item', disable=rank != 0)
     summary, records = evaluate(model, loader(stream, args.workers), device,
                                 runtime.render_kwargs(cfg, args.shards, args.shard_url),
                                 runtime.autocast(device, args.precision), full_scale=full,
-                                progress=bar, object_blind=blind)
+                                progress=bar, object_blind=blind, lpips=lpips_fn)
     bar.close()
-    lpips_fn, lpips_note = lpips_metric(device) if full else (None, 'LPIPS needs full images')
     if rank == 0:
         summary.update(checkpoint=os.path.abspath(args.checkpoint), split=args.split,
-                       full_images=full, iteration=ckpt.get('it'), lpips=lpips_note,
+                       full_images=full, iteration=ckpt.get('it'), lpips_note=lpips_note,
                        seed=seed)
         csv_path = write_report(args.out or os.path.dirname(os.path.abspath(args.checkpoint)),
                                 args.split, summary, records)
         scores = ''.join(f', {name} {summary[key]:.4f}' for key, name in (
-            ('ssim', 'SSIM'), ('ari', 'ARI'), ('fg_ari', 'FG-ARI')) if key in summary)
+            ('ssim', 'SSIM'), ('lpips', 'LPIPS'), ('ari', 'ARI'), ('fg_ari', 'FG-ARI')) if key in summary)
         print(f'{args.split}: {summary["scenes"]} scenes, {summary["items"]} items: PSNR '
               f'{summary["psnr"]:.3f} dB{scores}\n{lpips_note}\nper-scene CSV: {csv_path}')
         print(object_note(summary, objects, generator is not None))

@@ -125,3 +125,24 @@ def test_video_of_a_volumetric_model_uses_the_configured_sample_counts(nmr_shard
     cli = frames(tmp_path / 'cli')
     assert all(np.array_equal(a, b) for a, b in zip(cli, frames(tmp_path / 'configured')))
     assert not all(np.array_equal(a, b) for a, b in zip(cli, frames(tmp_path / 'defaults')))
+
+
+def test_a_full_image_metric_like_lpips_is_scored_per_item(nmr_shards):
+    # srt.evaluate hands lpips_metric's function to evaluate(); a stand-in (mean absolute error)
+    # shows it receives whole [n, h, w, 3] images and lands in the records and the summary
+    from srt.evaluate import evaluate
+    from srt.loader import EvalStream, shard_table
+    torch.manual_seed(0)
+    small = {'pos_start_octave': -5, 'num_att_blocks': 1}
+    model = SRT(ModelConfig(encoder_kwargs={**small, 'num_conv_blocks': 3}, decoder_kwargs=small))
+    stream = EvalStream(DataConfig('nmr', full_scale=True), shard_table(str(nmr_shards), 'val'), 2,
+                        max_scenes=1)
+    shapes = []
+
+    def mae(a, b):
+        shapes.append(tuple(a.shape))
+        return (a - b).abs().mean(dim=(1, 2, 3))
+    summary, records = evaluate(model, stream, 'cpu', {}, full_scale=True, lpips=mae)
+    assert shapes and all(s[1:] == (64, 64, 3) for s in shapes)
+    assert all(0 < r['lpips'] < 1 for r in records)
+    assert summary['lpips'] == pytest.approx(np.mean([r['lpips'] for r in records]))
