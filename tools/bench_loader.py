@@ -283,7 +283,8 @@ def pixelsplat_way(src: str):
         return w2c.inverse(), intrinsics
 
     def run():
-        chunk = torch.load(paths[state['chunk'] % len(paths)])
+        # pixelSplat calls plain torch.load (weights_only by default since torch 2.6): the same load
+        chunk = torch.load(paths[state['chunk'] % len(paths)], weights_only=True)
         state['chunk'] += 1
         for example in chunk:
             convert_poses(example['cameras'])
