@@ -45,6 +45,22 @@ def read_msn_test_cameras() -> dict:
 
 # ----------------------------------------------------------------------------- sources and shards
 
+def read_key_list(path: pathlib.Path) -> tuple[dict, dict]:
+    """A reference state-dict key list (``config part key (shape)`` per line): ({config: {part:
+    {key: shape}}}, {config: (encoder parameters, total)} from its '## config' count lines)."""
+    keys, counts = {}, {}
+    for line in path.read_text().splitlines():
+        if line.startswith('## config'):
+            words = line.split()
+            counts[words[2].rstrip(':')] = (int(words[4]), int(words[-1]))
+        if not line.strip() or line.startswith('#'):
+            continue
+        config, part, key, shape = line.split(' ', 3)
+        dims = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+        keys.setdefault(config, {}).setdefault(part, {})[key] = dims
+    return keys, counts
+
+
 def make_nmr_copies(dst, n_train, n_val=2, prefix=''):
     """An NMR-layout source of n scenes, made of copies of the two test-vector scenes."""
     src = TESTVECTORS / 'sources'

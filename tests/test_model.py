@@ -14,7 +14,7 @@ from srt.model.encoder import conv3x3_constant_channels
 from srt.model.layers import Attention, positional_encoding
 from srt.model import SRT, ModelConfig, build_model, count_parameters
 from srt.model.rendering import render_image, render_rays
-from tests.conftest import ROOT, TESTVECTORS, tiny_batch
+from tests.conftest import ROOT, TESTVECTORS, read_key_list, tiny_batch
 
 KEYS_FILE = ROOT / 'tests' / 'data' / 'reference_state_dict_keys.txt'
 # The model sections of runs/msn/srt and runs/msn/isrt.
@@ -30,15 +30,7 @@ PARAMETER_COUNTS = {'srt': (69_885_600, 73_932_563), 'isrt': (29_514_912, 41_033
 @functools.lru_cache(maxsize=None)
 def reference_keys():
     """{config: {'encoder'|'decoder': {key: shape}}} from the reference key list."""
-    out = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        if not line.strip() or line.startswith('#'):
-            continue
-        config, part, key, shape = line.split(' ', 3)
-        dims = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
-        out.setdefault(config, {}).setdefault(part, {})[key] = dims
-    return out
-
+    return read_key_list(KEYS_FILE)[0]
 
 def deterministic_weights(part: str, state_dict: dict) -> dict:
     """The test vectors' weight formula (tests/data/testvectors/README.md, section model/)."""

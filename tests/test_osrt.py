@@ -15,7 +15,7 @@ from srt.model import ModelConfig, build_model, count_parameters
 from srt.model.osrt import MixingBlock, reference_init_
 from srt.model.slots import SlotAttention
 from srt.model.rendering import render_image
-from tests.conftest import ROOT, TESTVECTORS
+from tests.conftest import ROOT, TESTVECTORS, read_key_list
 
 KEYS_FILE = ROOT / 'tests' / 'data' / 'reference_osrt_state_dict_keys.txt'
 # Where the reference's runs/<dataset>/osrt/config.yaml live here (its msn set is MSN-Hard).
@@ -43,18 +43,8 @@ def model_section(config: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def reference_keys():
     """{config: {'encoder'|'decoder': {key: shape}}, config + ' counts': (encoder, total)}."""
-    out = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        if line.startswith('## config'):
-            words = line.split()
-            out[words[2].rstrip(':') + ' counts'] = (int(words[4]), int(words[-1]))
-        if not line.strip() or line.startswith('#'):
-            continue
-        config, part, key, shape = line.split(' ', 3)
-        dims = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
-        out.setdefault(config, {}).setdefault(part, {})[key] = dims
-    return out
-
+    keys, counts = read_key_list(KEYS_FILE)
+    return {**keys, **{f'{config} counts': n for config, n in counts.items()}}
 
 def deterministic_weights(part: str, state_dict: dict) -> dict:
     """The OSRT test vectors' weights (tests/data/testvectors/README.md, section model/, OSRT)."""

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.durable import atomic_write
-from pipeline.export.conventions import resize_crop_intrinsics, resize_crop_plan
+from pipeline.camtransforms import resize_crop
 from pipeline.reader import Scene, iter_shard, read_manifest, shard_table
 from pipeline.schema import IMAGE_EXTS, image_info
 from pipeline.verify import splits_in
@@ -136,11 +136,7 @@ def view_image(scene: Scene, view: int, size: tuple[int, int] | None = None,
         return data, IMAGE_EXTS[fmt], K, (h, w)
     pixels = scene.image(view)
     if size is not None and size != (h, w):
-        from PIL import Image
-        (rh, rw), (r0, c0) = resize_crop_plan(h, w, *size)
-        img = Image.fromarray(np.ascontiguousarray(pixels)).resize((rw, rh), Image.LANCZOS)
-        pixels = np.asarray(img.crop((c0, r0, c0 + size[1], r0 + size[0])))
-        K = resize_crop_intrinsics(K, h, w, (rh, rw), (r0, c0))
+        pixels, K = resize_crop(np.ascontiguousarray(pixels), K, *size)  # Lanczos, K exact
         h, w = size
     keep_jpeg = fmt == 'jpeg' and not png
     out, ext = encode(np.ascontiguousarray(pixels), jpeg_quality or (90 if keep_jpeg else None))

@@ -44,26 +44,3 @@ def opengl_c2w(c2w: np.ndarray) -> np.ndarray:
     down -z)."""
     # The flip: the camera's y and z axes change sign (columns 1 and 2); the world is unchanged.
     return np.asarray(c2w, np.float64) @ CV_FROM_GL
-
-
-def resize_crop_plan(height: int, width: int, out_h: int, out_w: int
-                     ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """How an ``height`` x ``width`` image becomes ``out_h`` x ``out_w``: resize to ((rh, rw)) by one
-    scale (the larger of out_h/height, out_w/width, so that the result covers the output), then
-    crop ``out_h`` x ``out_w`` at (row0, col0) = ((rh - out_h) // 2, (rw - out_w) // 2), as
-    pixelSplat's crop shim does (``shims/crop_shim.py:25-75``). Returns ((rh, rw), (row0, col0))."""
-    scale = max(out_h / height, out_w / width)
-    rh, rw = max(out_h, round(height * scale)), max(out_w, round(width * scale))
-    return (rh, rw), ((rh - out_h) // 2, (rw - out_w) // 2)
-
-
-def resize_crop_intrinsics(K: np.ndarray, height: int, width: int, resized: tuple[int, int],
-                           offset: tuple[int, int]) -> np.ndarray:
-    """``K`` [3, 3] (pixels of the ``height`` x ``width`` image) after resizing the image to
-    ``resized`` = (rh, rw) and cropping at ``offset`` = (row0, col0): each axis scales by its own
-    factor rw / width, rh / height (a resampler maps image point u to u * rw / width, pixel
-    centres included), then the principal point moves by the crop (exact for any principal point,
-    unlike pixelSplat's own shim, which assumes a centred one)."""
-    (rh, rw), (row0, col0) = resized, offset
-    S = np.array([[rw / width, 0.0, -col0], [0.0, rh / height, -row0], [0.0, 0.0, 1.0]])
-    return S @ np.asarray(K, np.float64)

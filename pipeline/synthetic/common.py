@@ -63,6 +63,8 @@ _STYLE = {'nmr': 'nmr', 'obsurf': 'clevr', 'obsurf-msn': 'obsurf-msn', 'msn': 'm
 MSN_SIZES = {'msn': MSN_SIZE, 'msn-demo': 32, 'msn-hard': MSN_SIZE, 'msn-hard-demo': 64}
 # Ring rigs (rigs.ring_cameras): distance, elevation (degrees) and height of the point looked at.
 MSN_RINGS = {'msn-demo': (5.5, 30.0, 0.5)}
+# Shell rigs (rigs.msn_cameras) closer than MSN's 9-13 units, so that few objects fill the images.
+MSN_DISTANCES = {'msn-hard-demo': (6.5, 8.5)}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip member dates: same seed, same bytes
 
 
@@ -166,9 +168,10 @@ def scene_cameras(fmt: str, seed: int, split: str, index: int,
     if fmt in MSN_RINGS:  # the demo: a ring close to its few central objects
         d, el, tz = MSN_RINGS[fmt]
         K, poses = ring_cameras(rng, MSN_VIEWS, size, size, d, el, tz)
-    else:  # the demo variants' cameras are closer, so that their few objects fill more of the images
-        distance = (6.5, 8.5) if fmt.endswith('-demo') else (9.0, 13.0)
-        K, poses = msn_cameras(rng, MSN_VIEWS, size, size, distance=distance)
+    elif fmt in MSN_DISTANCES:
+        K, poses = msn_cameras(rng, MSN_VIEWS, size, size, distance=MSN_DISTANCES[fmt])
+    else:
+        K, poses = msn_cameras(rng, MSN_VIEWS, size, size)
     Rt = [C.opencv_to_sunds(p) for p in poses]
     R = np.stack([r for r, _ in Rt]).astype(np.float32)
     t = np.stack([t for _, t in Rt]).astype(np.float32)
