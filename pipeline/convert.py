@@ -4,8 +4,9 @@ For each split the conversion is *planned* deterministically from the source alo
 the reference loader's order, scenes per shard), so every run and every task of a job array agrees
 on which scene goes into which shard ``<split>-%06d.tar``. A shard is written under a hidden
 temporary name in ``<out>/.work/``, its record (scene count, bytes, sha256, per-sample offsets) is
-written next to it, then the tar is renamed into place: a ``.tar`` in ``<out>`` is always complete,
-and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
+written next to it, then its member index ``<split>-%06d.idx`` (DALI's format, ``pipeline.tario``;
+readers go to the members they need through it) and the tar are renamed into place: a ``.tar`` in
+``<out>`` is always complete, and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
 the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log, the
 source's own split files (e.g. an evaluation index) and the dataset card are written. Output bytes
 depend only on the source and the settings.
@@ -214,7 +215,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
     work = os.path.join(job['out'], WORK_DIR)
     tmp = os.path.join(work, f'{name}.partial')
     counter = _worker_state.get('counter')
-    sha, offset, samples, skipped = hashlib.sha256(), 0, [], []
+    sha, offset, samples, skipped, layouts = hashlib.sha256(), 0, [], [], []
     stats = splitstats.new_stats()
     with open(tmp, 'wb') as f:
         for i, item in enumerate(source.read(split, refs, start)):
@@ -236,6 +237,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
             f.write(buf)
             sha.update(buf)
             samples.append([key, start + i, offset, len(buf)])
+            layouts.append(tario.member_layout(members, offset))
             offset += len(buf)
             if counter is not None:
                 with counter.get_lock():
@@ -248,6 +250,9 @@ def _write_shard(job: dict) -> dict[str, Any]:
               'sha256': sha.hexdigest(), 'samples': samples, 'skipped': skipped,
               'stats': stats, 'plan': job['plan_digest']}
     _atomic_write(os.path.join(work, f'{name}.json'), json_bytes(record))
+    # The index before the tar, so that it is never older than the tar it describes.
+    _atomic_write(os.path.join(job['out'], name[:-len('.tar')] + '.idx'),
+                  tario.index_text(layouts).encode())
     os.replace(tmp, os.path.join(job['out'], name))
     return record
 

@@ -45,6 +45,9 @@ from pipeline.views import SkipScene
 from pipeline.viewsample import collate as collate_samples
 
 SHARD_ERRORS = (tario.TarFormatError, ShardError, OSError)  # ShardFetchError is an OSError
+# Members of at least this size in local (or downloaded) shards are read only when a sample decodes
+# them: an RE10K-like clip has 100 JPEG views of which an item uses a few.
+DEFER_BYTES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +304,8 @@ class _ShardReader:
             return self.failed
         try:
             if self.samples is None:
-                self.samples = iter_shard(self.ref.url, self.fetcher.open(self.ref.url, self.ref.entry))
+                self.samples = iter_shard(self.ref.url, self.fetcher.open(self.ref.url, self.ref.entry),
+                                          defer=DEFER_BYTES)
             while True:
                 sample = next(self.samples, None)
                 if sample is None:
