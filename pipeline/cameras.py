@@ -159,9 +159,10 @@ def image_rays(K, world_from_cam, height: int, width: int) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------------- transforms
 
-def invert_pose(b_from_a) -> np.ndarray:
-    """Inverse of a rigid transform [..., 4, 4]: returns a_from_b (exact rigid inverse R^T, -R^T t)."""
-    T = check_pose(b_from_a, 'pose')
+def invert_pose(b_from_a, checked: bool = False) -> np.ndarray:
+    """Inverse of a rigid transform [..., 4, 4]: returns a_from_b (exact rigid inverse R^T, -R^T t).
+    ``checked``: the pose is a float64 array that ``check_pose`` already passed (skip it)."""
+    T = b_from_a if checked else check_pose(b_from_a, 'pose')
     R = T[..., :3, :3]
     t = T[..., :3, 3]
     out = np.zeros_like(T)
@@ -361,22 +362,25 @@ def _center_column_points(height: int, width: int) -> np.ndarray:
     return points
 
 
-def canonical_from_world(rule: str, K, world_from_cam, height: int, width: int) -> np.ndarray:
+def canonical_from_world(rule: str, K, world_from_cam, height: int, width: int,
+                         checked: bool = False) -> np.ndarray:
     """The reference's canonical frame of the input view with pose ``world_from_cam`` [4, 4].
 
     rule 'input_view_pose' (NMR): the input view's (rotated) world_mat = inverse(world_from_cam);
     'look_at_origin' (ObSuRF): a level camera at the input camera's position looking at the origin;
-    'center_columns_rays' (MSN): ``canonical_from_rays`` of the input view's rays.
+    'center_columns_rays' (MSN): ``canonical_from_rays`` of the input view's rays. ``checked``: K
+    and the pose are float64 arrays that ``check_intrinsics`` / ``check_pose`` already passed (a
+    ``pipeline.reader.Scene``'s cameras: this runs per training item).
     """
-    pose = check_pose(world_from_cam)
+    pose = world_from_cam if checked else check_pose(world_from_cam)
     if rule == 'input_view_pose':
-        return invert_pose(pose)
+        return invert_pose(pose, checked=True)
     if rule == 'look_at_origin':
         return canonical_from_look_at(pose[:3, 3])
     if rule == 'center_columns_rays':
         # canonical_from_rays(pose[:3, 3], the view's rays), from the centre columns' rays only and
         # with the camera validated once (this runs per training item).
-        K = check_intrinsics(K)
+        K = K if checked else check_intrinsics(K)
         points = _center_column_points(height, width)
         d = _normalise(points @ (pose[:3, :3] @ np.linalg.inv(K)).T)
         # The reference averages float32 rays; rounding the directions first matches it closer.
