@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import tario
+from pipeline.dali import dali_index_lines
 from pipeline.reader import Scene, ShardError, iter_shard, read_manifest
 from pipeline.schema import CAMERAS, IMAGE_EXTS, META, RAYS, extra_member, rgb_member, rgb_view
 
@@ -40,10 +41,29 @@ def summarize(directory: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_member_index(shard: str) -> list[str]:
+    """The shard's ``.idx`` (if any) lists its members where its tar headers put them."""
+    idx = shard[:-len('.tar')] + '.idx'
+    if not os.path.isfile(idx):
+        return []
+    try:
+        with open(idx) as f:
+            stored = f.read().splitlines()
+        walked = dali_index_lines(shard)
+    except (OSError, UnicodeDecodeError, tario.TarFormatError) as e:
+        return [f'{idx}: unreadable member index ({e})']
+    if stored != walked:
+        line = next((i for i, (a, b) in enumerate(zip(stored, walked), 1) if a != b),
+                    min(len(stored), len(walked)) + 1)
+        return [f'{idx}: member index differs from the shard\'s tar headers from line {line} '
+                '(rebuild it: pipeline.dali.write_dali_index)']
+    return []
+
+
 def verify(directory: str, progress: bool = True) -> list[str]:
     """Check every shard against its manifest and every sample's content. Returns the problems
-    found (empty when the directory is sound): sha256 and size per shard, member set and key
-    uniqueness per sample, and what ``pipeline.reader.Scene`` checks: cameras (CRC-32, finite,
+    found (empty when the directory is sound): sha256 and size per shard, its member index,
+    member set and key uniqueness per sample, and what ``pipeline.reader.Scene`` checks: cameras (CRC-32, finite,
     rigid), every PNG and extra decoding to the image size."""
     from tqdm import tqdm
     problems = []
@@ -72,6 +92,7 @@ def verify(directory: str, progress: bool = True) -> list[str]:
                 problems.append(str(e))
             if n != shard['scenes']:
                 problems.append(f'{path}: {n} samples, manifest says {shard["scenes"]}')
+            problems += _check_member_index(path)
             count += n
         bar.close()
         if count != m['num_scenes']:

@@ -44,13 +44,26 @@ def tree_bytes(out) -> dict:
     """name -> sha256 of every file a reader sees (shards, manifests, logs, card)."""
     return {n: hashlib.sha256(open(os.path.join(out, n), 'rb').read()).hexdigest()
             for n in sorted(os.listdir(out))
-            if n.endswith(('.tar', '.manifest.json', '.jsonl', 'README.md'))}
+            if n.endswith(('.tar', '.idx', '.manifest.json', '.jsonl', 'README.md'))}
 
 
 # ----------------------------------------------------------------------------- parity and bytes
 
 def test_nmr_shards_verify_reproduce_reference_rays_and_keep_png_bytes(tmp_path):
     run_convert('nmr', SRC / 'nmr', tmp_path)
+    assert verify(str(tmp_path), progress=False) == []
+    # Each shard's member index is checked against its tar headers.
+    idx = sorted(tmp_path.glob('train-*.idx'))[0]
+    lines = idx.read_text().splitlines()
+    assert lines[0].startswith('v1.2 ') and len(lines) > 1
+    tok = lines[1].split()
+    tok[5] = str(int(tok[5]) + 512)  # the second member's data offset
+    idx.write_text('\n'.join([lines[0], ' '.join(tok)] + lines[2:]) + '\n')
+    assert verify(str(tmp_path), progress=False) == [
+        f'{idx}: member index differs from the shard\'s tar headers from line 2 (rebuild it: '
+        'pipeline.dali.write_dali_index)']
+    from pipeline.dali import write_dali_index
+    write_dali_index(str(idx)[:-len('.idx')] + '.tar')
     assert verify(str(tmp_path), progress=False) == []
     info = json.loads((REF / 'index.json').read_text())
     for name in ('nmr_train_item0', 'nmr_train_item11'):
