@@ -348,9 +348,11 @@ class Scene:
             for i, v in enumerate(views):  # each view's pixels taken while it is in the cache
                 self.image(v)
                 img = self._pixels[int(v)]
-                rows = np.take(img.reshape(-1, img.shape[-1]), flat[cuts[i]:cuts[i + 1]] - i * h * w,
-                               axis=0)
-                out[cuts[i]:cuts[i + 1]] = rows[:, :3] if rows.shape[-1] != 3 else rows
+                part, index = out[cuts[i]:cuts[i + 1]], flat[cuts[i]:cuts[i + 1]] - i * h * w
+                if img.shape[-1] == 3:
+                    np.take(img.reshape(-1, 3), index, axis=0, out=part)
+                else:
+                    part[:] = np.take(img.reshape(-1, img.shape[-1]), index, axis=0)[:, :3]
             return out
         view_of, rem = np.divmod(flat, h * w)
         for i, v in enumerate(views):  # np.take of row indices: 5x faster than [rows, :3]

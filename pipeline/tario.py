@@ -275,8 +275,7 @@ def read_index(path: str) -> list[Layout]:
         if not tok or len(tok) % 4:
             raise TarFormatError(f'{path} line {i}: not "<ext> <offset> <size> <name>" groups')
         try:
-            out.append([(tok[j + 3], int(tok[j + 1]), int(tok[j + 2]))
-                        for j in range(0, len(tok), 4)])
+            out.append(list(zip(tok[3::4], map(int, tok[1::4]), map(int, tok[2::4]))))
         except ValueError:
             raise TarFormatError(f'{path} line {i}: offsets and sizes must be integers') from None
     return out

@@ -184,12 +184,15 @@ def generic_views(cfg: DataConfig, num_views: int, rng: np.random.Generator
     k = cfg.num_input_views
     if num_views <= k:
         raise ValueError(f'a scene of {num_views} views has no target view besides {k} inputs')
+    t = cfg.num_target_views
+    if t is not None and k + t <= num_views:  # inputs and targets in one draw
+        views = rng.choice(num_views, k + t, replace=False).tolist()
+        return views[:k], sorted(views[k:])
     inputs = [int(v) for v in rng.choice(num_views, k, replace=False)]
     others = np.array(sorted(set(range(num_views)) - set(inputs)))
-    if cfg.num_target_views is None:
+    if t is None:
         return inputs, [int(v) for v in others]
-    t = cfg.num_target_views
-    return inputs, sorted(int(v) for v in rng.choice(others, t, replace=len(others) < t))
+    return inputs, sorted(int(v) for v in rng.choice(others, t, replace=True))
 
 
 def canonical_transform(cfg: DataConfig, scene: Scene, view: int) -> np.ndarray:
