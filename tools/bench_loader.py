@@ -8,8 +8,9 @@ Data: generated with tools/make_synthetic.py (msn 128x128 x10, nmr 64x64 x24, ob
 x3) and converted with tools/convert_*.py, cached in --workdir; re10k: pixelSplat chunks of clips
 of --frames 360x640 JPEG frames (quality 90; 8 distinct rendered frames repeated, RE10K's ~50 KB
 each), chunks closed at 1e8 bytes as real_estate_10k_tools does, converted with
-tools/convert_pixelsplat.py. Rows, per core (one process; rates are items per CPU second of the
-process, so TensorFlow's threads count too):
+tools/convert_pixelsplat.py (which writes each shard's member index, <shard>.idx). Rows, per core
+(one process; rates are items per CPU second of the process, so TensorFlow's threads count too;
+all rows but the reference measured side by side, in turns of 0.5 s, --seconds each in all):
   decode only     the images an item uses (every view of its scene: NMR 24, CLEVR3D 3, MSN 10;
                   RE10K its 2 input + 4 target views) decoded with the fastest decoder, bytes
                   already in memory: the limit of a loader that decodes per item (ours decodes a
@@ -120,6 +121,22 @@ def timed(fn, seconds: float) -> float:
     while time.perf_counter() - wall0 < seconds:
         items += fn()
     return items / (time.process_time() - cpu0)
+
+
+def timed_together(fns: dict, seconds: float, slice_s: float = 0.5) -> dict:
+    """``timed`` for several rows side by side: turns of ``slice_s`` seconds each, in rotation,
+    ``seconds`` per row in all, so that a machine whose speed drifts (a shared VM) slows every
+    row alike and their ratios hold."""
+    for fn in fns.values():
+        fn()  # warm-up
+    items, cpu = dict.fromkeys(fns, 0), dict.fromkeys(fns, 0.0)
+    for _ in range(max(1, round(seconds / slice_s))):
+        for name, fn in fns.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            while time.perf_counter() - wall0 < slice_s:
+                items[name] += fn()
+            cpu[name] += time.process_time() - cpu0
+    return {name: items[name] / cpu[name] for name in fns}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -373,14 +390,14 @@ def main(argv=None) -> int:
         per_item = RE10K_INPUTS + RE10K_TARGETS if name == 're10k' else None
         reference = {'msn': lambda: reference_msn(src), 're10k': lambda: pixelsplat_way(src)}.get(
             name, lambda: reference_files(src, dataset))
-        row = {'set': name, 'decode': timed(decode_only(shards, per_item), args.seconds),
-               'ours': timed(ours(shards, dataset, False), args.seconds),
-               'generic': timed(generic(shards, VIEWS.get(name, args.frames)), args.seconds),
-               # SRT's view choice exists for SRT's datasets only (RE10K: the generic mode)
-               'generic_srt': (timed(generic_srt_views(shards, dataset, VIEWS[name]), args.seconds)
-                               if name in VIEWS else None),
-               'ours_rays': timed(ours(shards, dataset, True), args.seconds),
-               'reference': timed(reference(), args.seconds)}
+        together = {'decode': decode_only(shards, per_item), 'ours': ours(shards, dataset, False),
+                    'generic': generic(shards, VIEWS.get(name, args.frames)),
+                    'ours_rays': ours(shards, dataset, True)}
+        if name in VIEWS:  # SRT's view choice exists for SRT's datasets only (RE10K: generic mode)
+            together['generic_srt'] = generic_srt_views(shards, dataset, VIEWS[name])
+        row = {'set': name, 'generic_srt': None, **timed_together(together, args.seconds)}
+        # Apart: TensorFlow's prefetching threads (MSN) would run into the other rows' turns.
+        row['reference'] = timed(reference(), args.seconds)
         rows.append(row)
         print(f'{name}: done', flush=True)
     print()
