@@ -330,10 +330,12 @@ class Scene:
             raise ShardError(f'{self.where}: views {list(views)} differ in size ({sorted(sizes)})')
         return sizes.pop() if sizes else self._sizes[0]
 
-    def gather(self, views: Sequence[int], flat: np.ndarray) -> np.ndarray:
+    def gather(self, views: Sequence[int], flat: np.ndarray, keep: bool = True) -> np.ndarray:
         """Pixels [p, 3] uint8 at ``flat`` indices into the concatenated row-major pixels of
         ``views`` (index = position in ``views`` * h * w + row * w + column); the views must
-        share one size. Sorted indices (the generic items') are gathered a view at a time."""
+        share one size. Sorted indices (the generic items') are gathered a view at a time, and
+        with ``keep`` False each view's decoded pixels are let go once taken (a scene read for one
+        item: the next view's decode then reuses memory still in the CPU's cache)."""
         h, w = self._same_size(views)
         if self._stacked:
             for v in views:
@@ -353,6 +355,9 @@ class Scene:
                     np.take(img.reshape(-1, 3), index, axis=0, out=part)
                 else:
                     part[:] = np.take(img.reshape(-1, img.shape[-1]), index, axis=0)[:, :3]
+                if not keep and v not in views[i + 1:]:
+                    del self._pixels[int(v)]
+                    self._decoded[int(v)] = False
             return out
         view_of, rem = np.divmod(flat, h * w)
         for i, v in enumerate(views):  # np.take of row indices: 5x faster than [rows, :3]

@@ -232,7 +232,8 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     if cfg.full_scale:
         target_pixels = np.concatenate([scene.image(v).reshape(-1, 3) for v in targets])
     else:
-        target_pixels = scene.gather(targets, flat)
+        # Generic mode: one item per scene, so its target views are not needed again.
+        target_pixels = scene.gather(targets, flat, keep=not cfg.generic)
     item = {
         'input_images': input_images,  # [k, h', w', 3] uint8 (array or k arrays)
         'input_M': M[:k].astype(np.float32),  # [k, 3, 3]
