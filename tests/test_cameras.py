@@ -233,3 +233,21 @@ def test_bad_pose_rejected(pose, message):
 def test_bad_canonical_rule_rejected():
     with pytest.raises(ValueError, match='canonical-frame rule'):
         C.canonical_from_world('nope', np.eye(3), np.eye(4), 2, 2)
+
+
+@pytest.mark.parametrize('rule', ['input_view_pose', 'look_at_origin', 'center_columns_rays'])
+def test_checked_cameras_skip_only_the_checks(rule):
+    """``checked=True`` (a Scene's already-validated float64 cameras) gives the same arrays."""
+    rng = np.random.default_rng(11)
+    for h, w in ((64, 64), (45, 80), (7, 3)):
+        K, pose = random_K(rng, h, w), random_pose(rng)
+        want = C.canonical_from_world(rule, K, pose, h, w)
+        np.testing.assert_array_equal(C.canonical_from_world(rule, K, pose, h, w, checked=True), want)
+        # the result is still the rule's frame: the unchecked list form agrees with it
+        np.testing.assert_array_equal(C.canonical_from_world(rule, K.tolist(), pose.tolist(), h, w),
+                                      want)
+    poses = np.stack([random_pose(rng) for _ in range(5)])
+    np.testing.assert_array_equal(C.invert_pose(poses, checked=True), C.invert_pose(poses))
+    np.testing.assert_array_equal(C.invert_pose(poses[0], checked=True), C.invert_pose(poses[0]))
+    np.testing.assert_allclose(C.invert_pose(poses, checked=True) @ poses,
+                               np.broadcast_to(np.eye(4), poses.shape), atol=1e-12)

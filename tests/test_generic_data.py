@@ -1,6 +1,7 @@
 """SRT on the importers' datasets (srt/data.py generic mode): random input and target views of JPEG
 shards, inputs resized with K scaled, the training stream, the default config, and
 ``python -m srt.train --shards <re10k shards>``."""
+import io
 import json
 import subprocess
 
@@ -12,9 +13,11 @@ import yaml
 from pipeline import cameras as C
 from pipeline.convert import ConvertConfig, convert
 from pipeline.reader import Scene, iter_shard, shard_urls
+from pipeline.schema import META, rgb_member
 from pipeline.synthetic import write_re10k
 from srt import config as run_config
-from srt.data import DataConfig, collate, make_item, scene_item, to_model_inputs
+from srt.data import (DataConfig, collate, make_item, scene_item, sorted_sample,
+                      to_model_inputs)
 from srt.loader import TrainStream, shard_table
 from tests.conftest import ENV, ROOT, TINY_TRAIN, losses, train_cmd
 
@@ -106,3 +109,121 @@ def test_srt_trains_on_re10k_shards(shards, tmp_path):
     assert all(np.isfinite(v[0]) for v in losses(tmp_path / 'run').values())
     ckpt = torch.load(tmp_path / 'run/model.pt', weights_only=True)
     assert ckpt['config']['data']['dataset'] == 're10k'
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+def test_sorted_sample_distinct_sorted_in_range_and_with_replacement_past_n():
+    rng = np.random.default_rng(0)
+    for n, k in ((2000, 100), (2000, 250), (5000, 1), (2000, 0), (500, 100), (100, 100), (9, 9)):
+        for _ in range(20):  # sparse (8k <= n), near the boundary, dense (8k > n), k == n
+            s = sorted_sample(rng, n, k)
+            assert s.shape == (k,) and np.issubdtype(s.dtype, np.integer)
+            assert (np.diff(s) > 0).all() and (k == 0 or (0 <= s[0] and s[-1] < n))
+    assert sorted_sample(rng, 100, 100).tolist() == list(range(100))
+    for _ in range(20):  # more than n: with replacement, sorted
+        s = sorted_sample(rng, 10, 25)
+        assert s.shape == (25,) and (np.diff(s) >= 0).all() and 0 <= s[0] and s[-1] < 10
+        assert len(np.unique(s)) < 25
+
+
+def test_sorted_sample_is_a_uniform_subset():
+    """Sparse draws (n=2000, k=100) against a uniform k-subset: per-value counts (chi-square),
+    each sorted position's mean (order statistics), adjacent pairs. Thresholds are 8+ standard
+    deviations: a correct sampler fails with negligible probability, and the rng is seeded."""
+    n, k, draws = 2000, 100, 3000
+    rng = np.random.default_rng(12345)
+    s = np.stack([sorted_sample(rng, n, k) for _ in range(draws)])  # [draws, k]
+    counts = np.bincount(s.ravel(), minlength=n)
+    expected = draws * k / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()  # ~ n - 1 = 1999 (sd 63)
+    assert chi2 < (n - 1) + 8 * np.sqrt(2 * (n - 1)), chi2
+    assert chi2 > (n - 1) - 8 * np.sqrt(2 * (n - 1)), chi2  # not too even either
+    # j-th smallest of a uniform k-subset of 1..n: mean j(n+1)/(k+1), variance
+    # j(k-j+1)(n+1)(n-k)/((k+1)^2 (k+2))
+    j = np.arange(1, k + 1)
+    mean = j * (n + 1) / (k + 1) - 1  # values from 0
+    sd = np.sqrt(j * (k - j + 1) * (n + 1) * (n - k) / ((k + 1) ** 2 * (k + 2)) / draws)
+    z = (s.mean(0) - mean) / sd
+    assert np.abs(z).max() < 6, (np.abs(z).argmax(), np.abs(z).max())
+    # both x and x + 1 drawn: k(k-1)/n adjacent pairs per draw (4.95), ~Poisson
+    pairs = (np.diff(s, axis=1) == 1).sum()
+    want = draws * k * (k - 1) / n
+    assert abs(pairs - want) < 8 * np.sqrt(want), (pairs, want)
+
+
+def test_collate_of_per_view_inputs_equals_stacked_inputs(shards):
+    scene = first_scene(shards)
+    cfg = DataConfig('re10k', num_points=32, num_target_views=2)  # inputs at their own size
+    items = [make_item(cfg, scene, inputs, [1, 4], np.random.default_rng(i))
+             for i, inputs in enumerate(([3, 0], [2, 1], [0, 0]))]
+    assert all(isinstance(it['input_images'], tuple) for it in items)
+    stacked = [{**it, 'input_images': np.stack(it['input_images'])} for it in items]
+    got, want = collate(items), collate(stacked)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    assert got['input_images'].shape == (3, 2, *scene.image(0).shape)
+    np.testing.assert_array_equal(got['input_images'][1, 0], scene.image(2))
+    assert not np.shares_memory(got['input_images'], scene.image(3))  # a copy, not a view
+    # mixed within a batch: per-view tuples and stacked arrays
+    mixed = collate([items[0], stacked[1], items[2]])
+    np.testing.assert_array_equal(mixed['input_images'], want['input_images'])
+    odd = {**items[1], 'input_images': (items[1]['input_images'][0],
+                                        items[1]['input_images'][1][:-1])}
+    for batch in ([items[0], odd], [odd, items[0]], [odd]):
+        with pytest.raises(ValueError, match='differ in input_images .* data.kwargs.input_size'):
+            collate(batch)
+
+
+def resized_scene(sample, h, w, mode, seed):
+    """``sample`` (PNG views) with meta size h x w and views 0-2 replaced by random PNGs of that
+    size in ``mode`` ('RGB' | 'RGBA')."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    meta = {**json.loads(bytes(sample[META])), 'height': h, 'width': w, 'image_mode': mode}
+    meta.pop('image_sizes', None)
+    out = {**sample, META: json.dumps(meta).encode()}
+    for v in range(3):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(buf, 'PNG', compress_level=1)
+        out[rgb_member(v)] = buf.getvalue()
+    return out
+
+
+def check_gather(sample, views, count, rng):
+    """Scene.gather of sorted indices (per-view path) and of the same indices shuffled (general
+    path) against the views' pixels."""
+    scene = Scene(sample)
+    h, w = scene.image_size(views[0])
+    flat = np.sort(rng.integers(0, len(views) * h * w, count))  # repeats too
+    perm = rng.permutation(count)
+    sorted_pixels = Scene(sample).gather(views, flat)
+    shuffled = Scene(sample).gather(views, flat[perm])
+    np.testing.assert_array_equal(shuffled, sorted_pixels[perm])
+    truth = np.concatenate([scene.image(v).reshape(-1, 3) for v in views])[flat]
+    np.testing.assert_array_equal(sorted_pixels, truth)
+    assert sorted_pixels.shape == (count, 3) and sorted_pixels.dtype == np.uint8
+    return scene
+
+
+@pytest.mark.parametrize('source', ['nmr', 'clevr3d', 'large RGB', 'large RGBA'])
+def test_gather_of_sorted_indices_equals_the_general_path(shards_of, source):
+    rng = np.random.default_rng(7)
+    sample = next(iter_shard(shard_urls(str(shards_of('clevr3d' if 'RGBA' in source or
+                                                       source == 'clevr3d' else 'nmr')),
+                                        'train')[0]))
+    if source.startswith('large'):  # views of >= 2**17 pixels: kept per view, not stacked
+        sample = resized_scene(sample, 360, 400, source.split()[1], 1)
+    scene = Scene(sample)
+    assert scene._stacked == (not source.startswith('large'))
+    rgba = source in ('clevr3d', 'large RGBA')
+    assert (Scene(sample).decode([0])._pixels[0].shape[-1] == 4) == rgba
+    for views, count in (([2, 0, 1], 3000), ([1], 500), ([0, 2], 1), ([0, 2], 0)):
+        check_gather(sample, views, count, rng)
+    # indices in the last view only: the other views' slices are empty
+    h, w = scene.image_size(0)
+    flat = np.sort(rng.choice(h * w, 50, replace=False)) + 2 * h * w
+    np.testing.assert_array_equal(Scene(sample).gather([1, 0, 2], flat),
+                                  scene.image(2).reshape(-1, 3)[flat - 2 * h * w])
