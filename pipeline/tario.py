@@ -275,9 +275,13 @@ def read_index(path: str) -> list[Layout]:
         if not tok or len(tok) % 4:
             raise TarFormatError(f'{path} line {i}: not "<ext> <offset> <size> <name>" groups')
         try:
-            out.append(list(zip(tok[3::4], map(int, tok[1::4]), map(int, tok[2::4]))))
+            layout = list(zip(tok[3::4], map(int, tok[1::4]), map(int, tok[2::4])))
         except ValueError:
             raise TarFormatError(f'{path} line {i}: offsets and sizes must be integers') from None
+        if min(off for _, off, _ in layout) < BLOCK or min(n for _, _, n in layout) < 0:
+            raise TarFormatError(f'{path} line {i}: a data offset under {BLOCK} (a member\'s data '
+                                 'follows its 512-byte header) or a negative size')
+        out.append(layout)
     return out
 
 
@@ -298,11 +302,17 @@ def sidecar_index(path: str, stream: BinaryIO) -> list[Layout] | None:
 
 
 def _check_indexed(data: bytes, name: str, size: int, where: str, offset: int) -> None:
-    got, got_size, _ = _parse_header(data[:BLOCK], where, offset)
-    if got != name or got_size != size:
-        raise TarFormatError(f'{where} at byte {offset}: its member index says {name!r} of {size} '
-                             f'bytes, the tar header {got!r} of {got_size} (the index is stale: '
-                             'rewrite it with pipeline.dali.write_dali_index, or delete it)')
+    try:
+        got, got_size, _ = _parse_header(data[:BLOCK], where, offset)
+    except TarFormatError as e:
+        found = f'no tar header there ({str(e).rsplit(": ", 1)[-1]})'
+    else:
+        if got == name and got_size == size:
+            return
+        found = f'the tar header there is {got!r} of {got_size} bytes'
+    raise TarFormatError(f'{where} at byte {offset}: its member index puts {name!r} of {size} bytes '
+                         f'there, but {found}: the index is stale (rewrite it with '
+                         'pipeline.dali.write_dali_index, or delete it)')
 
 
 def iter_indexed_samples(f: BinaryIO, samples: list[Layout], where: str, defer: int

@@ -331,8 +331,6 @@ STALE = {
     # ... or into the middle of another member's data (no header there)
     'read member into data': move('rgb_000.png', lambda layouts, off: off + 512),
     'deferred member into data': move('cameras.npz', lambda layouts, off: off + 1),
-    # ... or before the first header (no data offset is under 512)
-    'read member before the first header': move('rgb_000.png', lambda layouts, off: 0),
 }
 
 
@@ -420,3 +418,12 @@ def test_streams_give_the_same_batches_with_or_without_indexes(converted, tmp_pa
     assert not calls
     for a, b in zip(indexed, walked):
         assert_same_batches(a, b)
+
+
+def test_an_index_offset_before_the_first_header_is_refused_naming_the_line(nmr):
+    """No member's data starts under byte 512 (its header comes first): such an index is not a
+    stale one but a broken one, refused with its file and line."""
+    shard = stale(nmr, move('rgb_000.png', lambda layouts, off: 0))
+    with pytest.raises(tario.TarFormatError, match=r'\.idx line 2: a data offset under 512'):
+        for sample in iter_shard(shard, defer=DEFER):
+            Scene(sample).images()
