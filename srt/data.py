@@ -215,9 +215,6 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
     start = step // 2
     if cfg.input_size is not None:
         input_images, K[:k] = resized_inputs(scene, inputs, cfg.input_size)
-    else:  # the views themselves: ``collate`` copies them into the batch once
-        input_images = tuple(scene.image(v)[start::step, start::step]
-                             for v in _same_size(scene, inputs, 'input'))
     M = T[:3, :3] @ scene.c2w[views, :3, :3] @ np.linalg.inv(K)  # [n, 3, 3]
     pos = scene.c2w[views, :3, 3] @ T[:3, :3].T + T[:3, 3]  # [n, 3]
     h, w = scene.image_size(_same_size(scene, targets, 'target')[0])
@@ -229,6 +226,10 @@ def make_item(cfg: DataConfig, scene: Scene, inputs: Sequence[int], targets: Seq
             if not cfg.generic else sorted_sample(rng, num_pixels, cfg.num_points)
     t_view, rem = np.divmod(flat, h * w)
     rows, cols = np.divmod(rem, w)
+    # Decoding comes last: the small steps above run while their data is still in the CPU cache.
+    if cfg.input_size is None:  # the views themselves: ``collate`` copies them into the batch once
+        input_images = tuple(scene.image(v)[start::step, start::step]
+                             for v in _same_size(scene, inputs, 'input'))
     if cfg.full_scale:
         target_pixels = np.concatenate([scene.image(v).reshape(-1, 3) for v in targets])
     else:
