@@ -152,6 +152,7 @@ def _as_schema_1(out, split):
         data = tario.encode_members(members) + tario.END_OF_ARCHIVE
         with open(url, 'wb') as f:
             f.write(data)
+        os.remove(url[:-len('.tar')] + '.idx')  # schema 1's converter wrote no member index
     path = out / f'{split}.manifest.json'
     manifest = json.loads(path.read_text())
     for k in ('min_views', 'max_views', 'image_format', 'near', 'far'):
