@@ -88,6 +88,27 @@ def nmr_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def converted(tmp_path_factory):
+    """NMR train (one scene per shard: train-000000 holds scene00007, train-000001 scene00008; 24
+    64x64 PNG views) and CLEVR3D train (RGBA views), converted once per session; tests that change
+    them use copies (``nmr``)."""
+    from pipeline.convert import ConvertConfig, convert
+    out = tmp_path_factory.mktemp('converted')
+    convert(ConvertConfig(dataset='nmr', src=str(TESTVECTORS / 'sources/nmr'), out=str(out / 'nmr'),
+                          splits=['train'], scenes_per_shard=1, progress=False))
+    convert(ConvertConfig(dataset='clevr3d', src=str(TESTVECTORS / 'sources/clevr3d'),
+                          out=str(out / 'clevr3d'), splits=['train'], progress=False))
+    return out
+
+
+@pytest.fixture
+def nmr(converted, tmp_path):
+    """A copy of ``converted``'s NMR shards to change."""
+    shutil.copytree(converted / 'nmr', tmp_path / 'nmr')
+    return tmp_path / 'nmr'
+
+
+@pytest.fixture(scope='session')
 def msn_hard_source(tmp_path_factory):
     """Synthetic MSN-Hard (TFDS multi_shapenet_frames/2.8.0) at 64x64: train scene_0, scene_1, test
     scene_500000 (pipeline.synthetic variant msn-hard-demo, seed 3)."""

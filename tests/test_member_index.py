@@ -14,34 +14,13 @@ import numpy as np
 import pytest
 
 from pipeline import multiview, tario
-from pipeline.convert import ConvertConfig, convert
 from pipeline.dali import dali_index_lines
 from pipeline.multiview import MultiViewStream, split_shards
 from pipeline.reader import Scene, ShardError, iter_shard, shard_urls
 from srt.data import DataConfig
 from srt.loader import TrainStream, shard_table
-from tests.conftest import TESTVECTORS
 
-SRC = TESTVECTORS / 'sources'
 DEFER = 1024  # NMR's PNG views are 0.8-1.6 KB: some stay in the file, some are read at once
-
-
-@pytest.fixture(scope='module')
-def converted(tmp_path_factory):
-    """NMR train (one scene per shard: 2 shards of 24 64x64 PNG views) and CLEVR3D train (RGBA),
-    converted once; tests change copies."""
-    out = tmp_path_factory.mktemp('member_index')
-    convert(ConvertConfig(dataset='nmr', src=str(SRC / 'nmr'), out=str(out / 'nmr'),
-                          splits=['train'], scenes_per_shard=1, progress=False))
-    convert(ConvertConfig(dataset='clevr3d', src=str(SRC / 'clevr3d'), out=str(out / 'clevr3d'),
-                          splits=['train'], progress=False))
-    return out
-
-
-@pytest.fixture
-def nmr(converted, tmp_path):
-    shutil.copytree(converted / 'nmr', tmp_path / 'nmr')
-    return tmp_path / 'nmr'
 
 
 def idx_of(shard) -> str:

@@ -11,33 +11,11 @@ import numpy as np
 import pytest
 
 from pipeline import tario
-from pipeline.convert import ConvertConfig, convert
 from pipeline.index import SceneIndex, read_scene
 from pipeline.reader import Scene, ShardError, iter_shard, render_range, shard_table, shard_urls
 from pipeline.schema import CAMERAS, META, npz_bytes, rgb_member
 from pipeline.stream import scene_stream
 from pipeline.verify import verify
-from tests.conftest import TESTVECTORS
-
-SRC = TESTVECTORS / 'sources'
-
-
-@pytest.fixture(scope='module')
-def converted(tmp_path_factory):
-    """NMR train (one scene per shard: train-000000 holds scene00007, train-000001 scene00008) and
-    CLEVR3D train (RGBA views), converted once; tests damage copies."""
-    out = tmp_path_factory.mktemp('reader')
-    convert(ConvertConfig(dataset='nmr', src=str(SRC / 'nmr'), out=str(out / 'nmr'),
-                          splits=['train'], scenes_per_shard=1, progress=False))
-    convert(ConvertConfig(dataset='clevr3d', src=str(SRC / 'clevr3d'), out=str(out / 'clevr3d'),
-                          splits=['train'], progress=False))
-    return out
-
-
-@pytest.fixture
-def nmr(converted, tmp_path):
-    shutil.copytree(converted / 'nmr', tmp_path / 'nmr')
-    return tmp_path / 'nmr'
 
 
 def rewrite(shard, edit) -> None:
