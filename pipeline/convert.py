@@ -6,8 +6,8 @@ on which scene goes into which shard ``<split>-%06d.tar``. A shard is written un
 temporary name in ``<out>/.work/``, its record (scene count, bytes, sha256, per-sample offsets) is
 written next to it, then its member index ``<split>-%06d.idx`` (DALI's format, ``pipeline.tario``;
 readers go to the members they need through it) and the tar are renamed into place: a ``.tar`` in
-``<out>`` is always complete, and rerunning skips complete shards and redoes the rest. When every shard of a split exists (after
-the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log, the
+``<out>`` is always complete, and rerunning skips complete shards and redoes the rest. When every
+shard of a split exists (after the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log, the
 source's own split files (e.g. an evaluation index) and the dataset card are written. Output bytes
 depend only on the source and the settings.
 
@@ -251,7 +251,7 @@ def _write_shard(job: dict) -> dict[str, Any]:
               'stats': stats, 'plan': job['plan_digest']}
     _atomic_write(os.path.join(work, f'{name}.json'), json_bytes(record))
     # The index before the tar, so that it is never older than the tar it describes.
-    _atomic_write(os.path.join(job['out'], name[:-len('.tar')] + '.idx'),
+    _atomic_write(tario.index_path(os.path.join(job['out'], name)),
                   tario.index_text(layouts).encode())
     os.replace(tmp, os.path.join(job['out'], name))
     return record

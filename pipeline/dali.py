@@ -37,7 +37,7 @@ def dali_index_lines(shard: str) -> list[str]:
 
 def write_dali_index(shard: str, out: str | None = None) -> str:
     """Write ``<shard without .tar>.idx`` (or ``out``); returns its path."""
-    out = out or (shard[:-4] if shard.endswith('.tar') else shard) + '.idx'
+    out = out or tario.index_path(shard)
     lines = dali_index_lines(shard)
     tmp = f'{out}.tmp-{os.getpid()}'
     with open(tmp, 'w') as f:

@@ -120,13 +120,12 @@ def iter_members(stream: BinaryIO, where: str = 'tar', require_end: bool = True,
     training stream decodes 6 of an RE10K clip's 100 JPEGs: reading the other 94 cost it more
     than half of its decoding time); other streams are read through as usual.
     """
-    if defer is not None and _regular_file(stream):
-        yield from _iter_file_members(stream, where, require_end, defer)
-        return
+    # A regular file with ``defer``: headers read by pread, members left in the file (FileMember)
+    fd, base = (stream.fileno(), stream.tell()) if defer is not None and _regular_file(stream) \
+        else (None, 0)
     offset = 0
-    read = stream.read
     while True:
-        block = read(BLOCK)
+        block = stream.read(BLOCK) if fd is None else os.pread(fd, BLOCK, base + offset)
         if not block:
             if not require_end:
                 return
@@ -135,11 +134,16 @@ def iter_members(stream: BinaryIO, where: str = 'tar', require_end: bool = True,
             return
         name, size, kind = _parse_header(block, where, offset)
         padded = size + (-size % BLOCK)
-        data = read(padded)
-        if len(data) < padded:
-            raise TarFormatError(f'{where}: truncated tar member {name!r} at byte {offset}')
-        if kind in (b'0', b'\0'):
-            yield name, data[:size], offset
+        if fd is not None:
+            if kind in (b'0', b'\0'):
+                member = FileMember(stream, base + offset + BLOCK, size, where, name)
+                yield name, (member.read() if size < defer else member), offset
+        else:
+            data = stream.read(padded)
+            if len(data) < padded:
+                raise TarFormatError(f'{where}: truncated tar member {name!r} at byte {offset}')
+            if kind in (b'0', b'\0'):
+                yield name, data[:size], offset
         offset += BLOCK + padded
 
 
@@ -186,48 +190,6 @@ class FileMember:
 
     def __reduce__(self):
         return bytes, (self.read(),)
-
-
-def _iter_file_members(f: BinaryIO, where: str, require_end: bool, defer: int
-                       ) -> Iterator[tuple[str, 'bytes | FileMember', int]]:
-    """``iter_members`` of a regular file by ``os.pread``: headers and members under ``defer``
-    bytes read, larger members yielded as ``FileMember``s."""
-    fd, base = f.fileno(), f.tell()
-    pread, adler32, offset = os.pread, zlib.adler32, 0
-    while True:
-        block = pread(fd, BLOCK, base + offset)
-        # The common header inline (this loop walks ~100 members per RE10K scene): a plain file
-        # member, no prefix, checksum right; anything else goes through _parse_header.
-        try:
-            size = int(block[124:135], 8)
-            good = block[156] in b'0\0' and not block[345] and int(block[148:154], 8) == \
-                (adler32(block[:256]) & 0xffff) + (adler32(block[256:]) & 0xffff) + 254 - \
-                sum(block[148:156])
-        except (ValueError, IndexError):
-            good = False
-        if good:
-            name = block[:100].split(b'\0', 1)[0].decode()
-        else:
-            if not block:
-                if not require_end:
-                    return
-                raise TarFormatError(f'{where}: truncated tar (no end-of-archive marker) at byte '
-                                     f'{offset}')
-            if block == _ZERO_BLOCK:
-                return
-            name, size, kind = _parse_header(block, where, offset)
-            if kind not in (b'0', b'\0'):
-                offset += BLOCK + size + (-size % BLOCK)
-                continue
-        start = base + offset + BLOCK
-        if size < defer:
-            data = pread(fd, size, start)
-            if len(data) < size:
-                raise TarFormatError(f'{where}: truncated tar member {name!r} at byte {offset}')
-            yield name, data, offset
-        else:
-            yield name, FileMember(f, start, size, where, name), offset
-        offset += BLOCK + size + (-size % BLOCK)
 
 
 # ----------------------------------------------------------------------------- member index
@@ -285,11 +247,16 @@ def read_index(path: str) -> list[Layout]:
     return out
 
 
+def index_path(shard: str) -> str:
+    """Where a shard's member index lives: ``<split>-NNNNNN.idx`` beside ``<split>-NNNNNN.tar``."""
+    return (shard[:-len('.tar')] if shard.endswith('.tar') else shard) + '.idx'
+
+
 def sidecar_index(path: str, stream: BinaryIO) -> list[Layout] | None:
     """The member index ``<shard>.idx`` next to the local shard ``path`` (opened as ``stream``),
     or None: no such file, or one that is older than the shard or points past its end (a shard
     rewritten after its index: walk its headers instead)."""
-    idx = (path[:-4] if path.endswith('.tar') else path) + '.idx'
+    idx = index_path(path)
     try:
         st, ist = os.fstat(stream.fileno()), os.stat(idx)
     except (AttributeError, OSError, ValueError):
@@ -310,8 +277,8 @@ def _check_indexed(data: bytes, name: str, size: int, where: str, offset: int) -
         if got == name and got_size == size:
             return
         found = f'the tar header there is {got!r} of {got_size} bytes'
-    raise TarFormatError(f'{where} at byte {offset}: its member index puts {name!r} of {size} bytes '
-                         f'there, but {found}: the index is stale (rewrite it with '
+    raise TarFormatError(f'{where} at byte {offset}: its member index puts {name!r} of {size} '
+                         f'bytes there, but {found}: the index is stale (rewrite it with '
                          'pipeline.dali.write_dali_index, or delete it)')
 
 
@@ -321,22 +288,14 @@ def iter_indexed_samples(f: BinaryIO, samples: list[Layout], where: str, defer: 
     (``read_index``; WebDataset's key and member names, ``split_key``): members under ``defer``
     bytes read (with their headers, checked against the index), larger ones as ``FileMember``s
     that check their headers when read; no other header is read."""
-    fd = f.fileno()
     for layout in samples:
         key, members = split_key(layout[0][0])[0], {}
         cut = len(key) + 1
         for name, off, size in layout:
             if name[cut - 1:cut] != '.' or not name.startswith(key):
                 raise TarFormatError(f'{where}: its member index puts {name!r} in sample {key!r}')
-            if size < defer:
-                data = os.pread(fd, BLOCK + size, off - BLOCK)
-                if len(data) < BLOCK + size:
-                    raise TarFormatError(f'{where}: truncated tar member {name!r} at byte '
-                                         f'{off - BLOCK}')
-                _check_indexed(data, name, size, where, off - BLOCK)
-                members[name[cut:]] = data[BLOCK:]
-            else:
-                members[name[cut:]] = FileMember(f, off, size, where, name, False)
+            member = FileMember(f, off, size, where, name, checked=False)
+            members[name[cut:]] = member.read() if size < defer else member
         yield key, members
 
 

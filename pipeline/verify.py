@@ -43,7 +43,7 @@ def summarize(directory: str) -> list[dict[str, Any]]:
 
 def _check_member_index(shard: str) -> list[str]:
     """The shard's ``.idx`` (if any) lists its members where its tar headers put them."""
-    idx = shard[:-len('.tar')] + '.idx'
+    idx = tario.index_path(shard)
     if not os.path.isfile(idx):
         return []
     try:
@@ -63,8 +63,8 @@ def _check_member_index(shard: str) -> list[str]:
 def verify(directory: str, progress: bool = True) -> list[str]:
     """Check every shard against its manifest and every sample's content. Returns the problems
     found (empty when the directory is sound): sha256 and size per shard, its member index,
-    member set and key uniqueness per sample, and what ``pipeline.reader.Scene`` checks: cameras (CRC-32, finite,
-    rigid), every PNG and extra decoding to the image size."""
+    member set and key uniqueness per sample, and what ``pipeline.reader.Scene`` checks: cameras
+    (CRC-32, finite, rigid), every PNG and extra decoding to the image size."""
     from tqdm import tqdm
     problems = []
     for split in splits_in(directory):
