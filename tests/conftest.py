@@ -108,6 +108,24 @@ def nmr(converted, tmp_path):
     return tmp_path / 'nmr'
 
 
+def reimported(shards, exported, source_format: str, out):
+    """An export of ``shards`` converted back into ``out`` (dataset 'back'): (our scenes, {scene id:
+    scene come back}) for each split that has scenes (an empty split exports nothing, so comes
+    back as nothing)."""
+    from pipeline.convert import ConvertConfig, convert
+    from pipeline.reader import Scene, iter_shard, shard_urls
+    from pipeline.verify import splits_in
+
+    def scenes(directory, split):
+        return [Scene(s) for url in shard_urls(str(directory), split) for s in iter_shard(url)]
+    convert(ConvertConfig(dataset='back', src=str(exported), out=str(out), progress=False,
+                          source_format=source_format))
+    for split in splits_in(str(shards)):
+        ours = scenes(shards, split)
+        if ours:
+            yield ours, {s.meta['scene_id']: s for s in scenes(out, split)}
+
+
 @pytest.fixture(scope='session')
 def msn_hard_source(tmp_path_factory):
     """Synthetic MSN-Hard (TFDS multi_shapenet_frames/2.8.0) at 64x64: train scene_0, scene_1, test

@@ -14,12 +14,12 @@ from PIL import Image
 
 from pipeline import cameras as C
 from pipeline.cli import export_format_main
-from pipeline.convert import ConvertConfig, convert
 from pipeline.export.common import ExportError
 from pipeline.export.lvsm import export_lvsm
 from pipeline.export.nerfstudio import export_nerfstudio
 from pipeline.reader import Scene, iter_shard, shard_urls
 from pipeline.verify import splits_in
+from tests.conftest import reimported
 
 DATASETS = ['nmr', 'clevr3d', 'msn', 're10k']
 
@@ -127,13 +127,7 @@ def test_lvsms_loader_gives_the_shards_rays_from_another_cwd(name, shards_of, lv
 @pytest.mark.parametrize('name', DATASETS)
 def test_lvsm_reimport_gives_back_cameras_and_bytes(name, shards_of, lvsm_exported, tmp_path):
     shards = shards_of(name)
-    convert(ConvertConfig(dataset='back', src=str(lvsm_exported[name]), out=str(tmp_path),
-                          progress=False, source_format='lvsm'))
-    for split in splits_in(str(shards)):
-        ours = scenes(shards, split)
-        if not ours:
-            continue
-        back = {s.meta['scene_id']: s for s in scenes(tmp_path, split)}
+    for ours, back in reimported(shards, lvsm_exported[name], 'lvsm', tmp_path):
         assert sorted(back) == sorted(s.key for s in ours)
         for scene in ours:
             got = back[scene.key]

@@ -15,11 +15,11 @@ from PIL import Image
 
 from pipeline import cameras as C
 from pipeline.cli import export_format_main
-from pipeline.convert import ConvertConfig, convert
 from pipeline.export.common import ExportError
 from pipeline.export.pixelsplat import export_pixelsplat
 from pipeline.reader import Scene, iter_shard, shard_urls
 from pipeline.verify import splits_in
+from tests.conftest import reimported
 
 DATASETS = ['nmr', 'clevr3d', 'msn', 're10k']
 
@@ -101,13 +101,7 @@ def test_pixelsplats_loader_gives_the_shards_rays_and_pixels(name, shards_of, ex
 @pytest.mark.parametrize('name', DATASETS)
 def test_reimport_gives_back_scenes_cameras_and_bytes(name, shards_of, exported, tmp_path):
     shards = shards_of(name)
-    convert(ConvertConfig(dataset='back', src=str(exported[name]), out=str(tmp_path),
-                          progress=False, source_format='pixelsplat'))
-    for split in splits_in(str(shards)):
-        ours = scenes(shards, split)
-        if not ours:  # (CLEVR3D's val is empty: no chunk, so no split comes back)
-            continue
-        back = {s.meta['scene_id']: s for s in scenes(tmp_path, split)}
+    for ours, back in reimported(shards, exported[name], 'pixelsplat', tmp_path):
         assert sorted(back) == sorted(s.key for s in ours)
         for scene in ours:
             got = back[scene.key]
