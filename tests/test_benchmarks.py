@@ -21,6 +21,14 @@ def test_bench_loader_prints_its_table(tmp_path):
     assert len(rows) == 3 and all(line.count('|') == 12 for line in rows)
 
 
+def test_bench_floor_prints_its_rows(tmp_path):
+    out = run_tool('tools/bench_floor.py', '--workdir', tmp_path, '--scenes', 3, '--frames', 8,
+                   '--seconds', 0.2)
+    rows = {line.split('|')[1].strip(): float(line.split('|')[2]) for line in out.splitlines()
+            if line.count('|') == 4 and line.split('|')[2].strip()[:1].isdigit()}
+    assert set(rows) == {'decode only', 'floor', 'floor + Scene', 'ours'} and min(rows.values()) > 0
+
+
 def test_bench_convert_prints_its_ratios(tmp_path):
     out = run_tool('tools/bench_convert.py', '--workdir', tmp_path, '--scenes', 12)
     assert 'raw scan' in out and 'shard bytes / source bytes' in out
