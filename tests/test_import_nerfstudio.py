@@ -213,6 +213,33 @@ def test_jpeg_capture_per_frame_intrinsics_and_distortion_params(tmp_path):
     assert a.sample['rgb_002.jpg'] == (cdir / 'images_4' / 'frame_00003.jpg').read_bytes()
 
 
+def test_symlinked_captures_and_a_frames_own_perspective_camera_model(tmp_path):
+    """A capture reached through a symlink converts (a link loop and a second link to the same
+    capture add nothing); a frame's own camera_model is ignored as nerfstudio ignores it
+    (nerfstudio_dataparser.py reads only meta["camera_model"])."""
+    write_dl3dv(tmp_path / 'data', 2, seed=8, workers=1)
+    names = [capture_name(8, i) for i in range(2)]
+    src = tmp_path / 'src'
+    (src / 'real').mkdir(parents=True)
+    shutil.move(str(tmp_path / 'data' / SUBSET / names[0]), src / 'real' / names[0])
+    (src / 'linked').symlink_to(tmp_path / 'data' / SUBSET, target_is_directory=True)
+    (src / 'again').symlink_to(tmp_path / 'data' / SUBSET, target_is_directory=True)
+    (src / 'real' / 'loop').symlink_to(src, target_is_directory=True)
+    linked = tmp_path / 'data' / SUBSET / names[1] / 'transforms.json'
+    t = json.loads(linked.read_text())
+    model = t.pop('camera_model')
+    for f in t['frames']:
+        f['camera_model'] = model
+    linked.write_text(json.dumps(t))
+    convert_ns(src, tmp_path / 'out', downscale=4)
+    got = {s.meta['scene_id']: s for s in scenes_of(tmp_path / 'out')}
+    assert sorted(got) == [f'again/{names[1]}', f'real/{names[0]}']
+    assert got[f'again/{names[1]}'].meta['distortion']['model'].startswith('PERSPECTIVE')
+    cap = dl3dv_capture(8, 1)
+    np.testing.assert_allclose(got[f'again/{names[1]}'].c2w,
+                               cap['saved_from_world'] @ cap['world_from_cam'], atol=1e-9)
+
+
 def test_benchmark_layout_lexicographic_order_and_auto_downscale(tmp_path):
     """DL3DV's benchmark layout <hash>/nerfstudio/; frames sorted as nerfstudio sorts paths
     (frame_10 before frame_9); without --downscale the one images_N folder is used."""
@@ -243,8 +270,8 @@ BAD = {
                   'frame images/frame_.*not orthonormal'),
     'missing frame': (lambda t, d: (d / 'images_4' / 'frame_00004.png').unlink(),
                       'frame_00004.png: missing view image'),
-    'per-frame camera_model': (lambda t, d: t['frames'][0].__setitem__('camera_model', 'PINHOLE'),
-                               'own camera_model'),
+    'per-frame fisheye': (lambda t, d: t['frames'][0].__setitem__('camera_model', 'OPENCV_FISHEYE'),
+                          r'frame 0 .* has camera_model .OPENCV_FISHEYE., not a perspective model'),
     'no h': (lambda t, d: t.pop('h'), 'h is neither at the top level nor in the frame'),
     'fisheye': (lambda t, d: t.__setitem__('camera_model', 'OPENCV_FISHEYE'),
                 'not a perspective model'),

@@ -16,8 +16,9 @@ docs/FORMATS: nerfstudio):
   frame; ``distortion_params`` = ``[k1, k2, k3, k4, p1, p2]`` overrides the named keys, missing
   ones are 0. Stored in ``meta.json`` ``distortion``; images stay as captured (distorted) and
   ``K``/``c2w`` are the pinhole part;
-- ``camera_model`` at the top level only; perspective models only (a fisheye or panorama has no
-  pinhole part to store);
+- ``camera_model`` at the top level (a frame's own is ignored, as nerfstudio ignores it, unless it
+  names another kind of model); perspective models only (a fisheye or panorama has no pinhole
+  part to store);
 - downscale N: ``downscale`` if given, else nerfstudio's automatic rule (largest power of two with
   the first frame's full-resolution size / N <= 1600 px whose ``images_N/`` file exists). When the
   full-resolution image is missing (DL3DV's 480P/960P downloads hold only ``images_4/`` or
@@ -75,8 +76,15 @@ def find_captures(root: str) -> list[str]:
     not searched, nor the inside of a capture."""
     if os.path.isfile(os.path.join(root, TRANSFORMS)):
         return ['.']
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, seen = [], set()
+    # Symlinked folders are followed (dataset roots are often assembled from links); a folder
+    # reached twice (a link loop, or two links to one capture) is searched once.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         if TRANSFORMS in filenames and dirpath != root:
             found.append(os.path.relpath(dirpath, root).replace(os.sep, '/'))
             dirnames[:] = []
@@ -264,10 +272,12 @@ def parse_transforms(meta: dict, data_dir: str, downscale: int | None, where: st
     for i, fr in enumerate(frames):
         if not isinstance(fr, dict) or 'file_path' not in fr or 'transform_matrix' not in fr:
             raise SourceError(f'{where}: frame {i} lacks file_path or transform_matrix')
-        if 'camera_model' in fr and fr['camera_model'] != model:
-            raise SourceError(f'{where}: frame {i} ({fr["file_path"]}) has its own camera_model '
-                              f'{fr["camera_model"]!r}; nerfstudio reads camera_model only at the '
-                              'top level')
+        # nerfstudio ignores a frame's camera_model (it reads the top level's, else PERSPECTIVE):
+        # so do we, unless it names a model that no pinhole K/c2w could describe.
+        if fr.get('camera_model', model) not in (model, *PERSPECTIVE_MODELS):
+            raise SourceError(f'{where}: frame {i} ({fr["file_path"]}) has camera_model '
+                              f'{fr["camera_model"]!r}, not a perspective model '
+                              f'{PERSPECTIVE_MODELS}: no pinhole K/c2w can describe it')
     N = downscale or auto_downscale(data_dir, frames[0]['file_path'], where)
     files = [_resolve(data_dir, fr['file_path'], N, 'images_') for fr in frames]
     order = sorted(range(len(frames)), key=lambda i: _sort_key(files[i]))
