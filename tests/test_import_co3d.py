@@ -202,6 +202,22 @@ def test_annotation_size_must_match_the_image(co3d, tmp_path):
         convert_co3d(src, tmp_path / 'out')
 
 
+def test_null_viewpoint_and_categories_without_a_common_subset_are_named(co3d, tmp_path):
+    """A frame whose viewpoint is null (data_types.py allows it) is named, not a TypeError; two
+    categories that share no set list are named with what each has."""
+    src = tmp_path / 'src'
+    shutil.copytree(co3d[0], src)
+    _break(src, 'synth_b', lambda frames: frames[0].__setitem__('viewpoint', None))
+    with pytest.raises(SourceError, match=r'frame_annotations\.jgz: sequence \S+ frame \d+: '
+                                          r'viewpoint is null'):
+        convert_co3d(src, tmp_path / 'out')
+    for lists in (src / 'synth_b' / 'set_lists').glob('set_lists_*.json'):
+        lists.rename(lists.with_name('set_lists_fewview_other.json'))
+    with pytest.raises(SourceError, match=r"share no set list \(synth_a: \['fewview_dev'.*synth_b: "
+                                          r"\['fewview_other'\]\)"):
+        convert_co3d(src, tmp_path / 'out2')
+
+
 def test_command_line(co3d, tmp_path, capsys):
     from pipeline.cli import convert_main
     src, _ = co3d

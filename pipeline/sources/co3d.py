@@ -148,6 +148,11 @@ class CO3DSource:
         for name in DEFAULT_SUBSETS:
             if name in every:
                 return name
+        if not every:
+            raise SourceError(f'{self.root}: its categories share no set list ('
+                              + '; '.join(f'{c}: {sorted(have[c]) or "none"}' for c in
+                                          self.categories[:5])
+                              + '): convert the categories apart (--src <root>/<category>)')
         raise SourceError(f'{self.root}: several subsets ({sorted(anywhere)}); choose one with '
                           '--subset')
 
@@ -307,6 +312,9 @@ def _format(frame: dict) -> str:
 def _read_view(data_root: str, fr: dict, v: int, ref: str, jgz: str):
     """(image bytes, 'png'|'jpeg', K, c2w) of one frame; SourceError naming file and frame."""
     at = f'{jgz}: sequence {fr.get("sequence_name")} frame {fr.get("frame_number")}'
+    if fr.get('viewpoint', {}) is None:  # allowed by data_types.py (Optional), but no camera
+        raise SourceError(f'{at}: viewpoint is null, so this view has no camera (rerun with '
+                          '--skip-bad to record its sequence as skipped)')
     try:
         image_path, (H, W) = fr['image']['path'], fr['image']['size']
         vp = fr['viewpoint']
