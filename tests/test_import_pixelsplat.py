@@ -126,6 +126,38 @@ def _rewrite_chunk(path, edit):
     torch.save(chunk, path)
 
 
+def test_what_pixelsplat_ignores_or_only_indexes_may_take_other_shapes(source, shards, tmp_path):
+    """Chunks from other writers: url None, extra numeric fields, images as a tuple, timestamps as
+    a list of ints and a one-element tensor key (LVSM's process_data.py reads keys so) convert to
+    the same scenes; pixelSplat reads only key, cameras and images (dataset_re10k.py)."""
+    src = tmp_path / 're10k'
+    shutil.copytree(source, src)
+    first = src / 'test/000000.torch'
+    keys = [e['key'] for e in torch.load(first, weights_only=True)]
+
+    def other_writer(chunk):
+        for e in chunk:
+            e.update(url=None, fps=30.0, num_frames=len(e['images']), flags=(True, None),
+                     images=tuple(e['images']), timestamps=e['timestamps'].tolist())
+    _rewrite_chunk(first, other_writer)
+    convert_to(src, tmp_path / 'out', splits=['test'])
+    want = {s.meta['scene_id']: s for s in scenes(shards, 'test')}
+    got = {s.meta['scene_id']: s for s in scenes(tmp_path / 'out', 'test')}
+    assert sorted(got) == sorted(want)
+    for key in keys:
+        a, b = got[key], want[key]
+        np.testing.assert_array_equal(a.K, b.K)
+        np.testing.assert_array_equal(a.c2w, b.c2w)
+        assert a.meta['timestamps'] == b.meta['timestamps']
+        assert [a.sample[k] for k in sorted(a.sample) if k.startswith('rgb_')] == \
+            [b.sample[k] for k in sorted(b.sample) if k.startswith('rgb_')]
+        assert a.meta['source']['url'] is None
+        assert a.meta['source']['other_fields'] == ['flags', 'fps', 'num_frames']
+    _rewrite_chunk(first, lambda chunk: chunk[0].__setitem__('key', torch.tensor(12345)))
+    convert_to(src, tmp_path / 'out2', splits=['test'], skip_bad=True)
+    assert '12345' in {s.meta['scene_id'] for s in scenes(tmp_path / 'out2', 'test')}
+
+
 def test_bad_scenes_are_named_errors_or_skip_records(source, tmp_path):
     src = tmp_path / 're10k'
     shutil.copytree(source, src)

@@ -14,12 +14,12 @@ trusted alone: a key it lists that no chunk holds (e.g. a missing chunk file) is
 error, or a ``--skip-bad`` record), and each scene's ``meta.json`` records the chunk index.json names.
 
 Chunks are loaded with ``torch.load(..., weights_only=True)`` (memory-mapped where the file allows):
-a chunk holding anything but tensors, strings, lists and dicts is refused, never unpickled. Each view
-keeps its image bytes unchanged; its intrinsics are turned into pixels with its own size, read from
-the image header (no decode): K = diag(W, H, 1) @ K_norm, so views of any size convert. Poses stay
-in the source's world and units. The evaluation index (``--evaluation-index`` or
-``evaluation_index_<dataset>.json`` in ``<src>`` or ``<src>/assets``) is carried as
-``<split>.evaluation_index.json`` keyed by sample keys.
+a chunk holding anything but tensors, strings, numbers, None, lists, tuples and dicts is refused,
+never unpickled. Each view keeps its image bytes unchanged; its intrinsics are turned into pixels
+with its own size, read from the image header (no decode): K = diag(W, H, 1) @ K_norm, so views of
+any size convert. Poses stay in the source's world and units. The evaluation index
+(``--evaluation-index`` or ``evaluation_index_<dataset>.json`` in ``<src>`` or ``<src>/assets``) is
+carried as ``<split>.evaluation_index.json`` keyed by sample keys.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ CONVERSION = 'K = diag(W, H, 1) @ K_norm per view (W, H from the image header); 
 
 def load_chunk(path: str) -> list[dict[str, Any]]:
     """A chunk's list of scene dicts, loaded with ``weights_only=True`` (memory-mapped when the file
-    is in torch's zip format) and checked to hold only tensors, strings, lists and dicts: anything
-    else is refused with a SourceError naming the chunk, never unpickled."""
+    is in torch's zip format) and checked to hold only tensors, strings, numbers, None, lists,
+    tuples and dicts (what weights_only loading gives): anything else is refused with a
+    SourceError naming the chunk, never unpickled."""
     import torch
     try:
         try:
@@ -56,8 +57,8 @@ def load_chunk(path: str) -> list[dict[str, Any]]:
         reason = lines[0] if lines else f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'
         if 'Weights only load failed' in text:
             raise SourceError(f'{path}: refused: the chunk holds an object other than tensors, '
-                              f'strings, lists and dicts, which is never unpickled ({reason})',
-                              source_file=path) from None
+                              f'strings, numbers, lists and dicts, which is never unpickled '
+                              f'({reason})', source_file=path) from None
         raise SourceError(f'{path}: unreadable chunk ({reason})', source_file=path) from None
     if not isinstance(chunk, list):
         raise SourceError(f'{path}: a chunk must hold a list of scene dicts, not a '
@@ -68,9 +69,11 @@ def load_chunk(path: str) -> list[dict[str, Any]]:
 
 def _check_types(obj, path: str, where: str) -> None:
     import torch
-    if isinstance(obj, (torch.Tensor, str)):
+    # What weights_only loading can give besides containers: the fields pixelSplat ignores (url,
+    # fps, ...) may hold any of these, so they pass; the fields it reads are checked per scene.
+    if obj is None or isinstance(obj, (torch.Tensor, str, bool, int, float)):
         return
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         for i, x in enumerate(obj):
             _check_types(x, path, f'{where}[{i}]')
     elif isinstance(obj, dict):
@@ -80,7 +83,7 @@ def _check_types(obj, path: str, where: str) -> None:
             _check_types(x, path, f'{where}[{k!r}]')
     else:
         raise SourceError(f'{path}: refused: {where} is a {type(obj).__name__}, not a tensor, '
-                          'string, list or dict', source_file=path)
+                          'string, number, None, list, tuple or dict', source_file=path)
 
 
 def scene_from_dict(entry: dict, dataset: str, split: str, index: int, where: str,
@@ -89,6 +92,8 @@ def scene_from_dict(entry: dict, dataset: str, split: str, index: int, where: st
     scene key and the view)."""
     import torch
     key = entry.get('key')
+    if isinstance(key, torch.Tensor) and key.numel() == 1:  # as LVSM's process_data.py reads it
+        key = str(key.item())
     if not isinstance(key, str) or not key:
         raise SourceError(f'{where}: scene without a string "key"', source_file=chunk_file)
     where = f'{where}: scene {key}'
@@ -102,14 +107,16 @@ def scene_from_dict(entry: dict, dataset: str, split: str, index: int, where: st
         raise bad(f'"cameras" must be a float tensor [V, 18], got '
                   f'{getattr(cams, "dtype", type(cams).__name__)} {list(getattr(cams, "shape", []))}')
     V = cams.shape[0]
-    if not isinstance(images, list) or len(images) != V:
+    if not isinstance(images, (list, tuple)) or len(images) != V:  # pixelSplat only indexes it
         raise bad(f'"images" must be a list of {V} uint8 tensors (one per camera), got '
-                  f'{len(images) if isinstance(images, list) else type(images).__name__}')
+                  f'{len(images) if isinstance(images, (list, tuple)) else type(images).__name__}')
     timestamps = entry.get('timestamps')
+    if isinstance(timestamps, (list, tuple)) and all(type(t) is int for t in timestamps):
+        timestamps = torch.tensor(timestamps, dtype=torch.int64)  # pixelSplat never reads them
     if timestamps is not None:
         if not isinstance(timestamps, torch.Tensor) or timestamps.is_floating_point() or \
                 tuple(timestamps.shape) != (V,):
-            raise bad(f'"timestamps" must be an integer tensor [{V}], got '
+            raise bad(f'"timestamps" must be [{V}] integers, got '
                       f'{getattr(timestamps, "dtype", type(timestamps).__name__)} '
                       f'{list(getattr(timestamps, "shape", []))}')
         timestamps = [int(t) for t in timestamps.tolist()]
