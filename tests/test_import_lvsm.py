@@ -111,6 +111,22 @@ def test_relative_entries_and_a_moved_dataset_resolve(source, tmp_path):
                            for v in range(x.num_views))
 
 
+def test_process_data_output_folder_is_found_one_level_down(source, tmp_path):
+    """--src may be process_data.py's output folder (<out>/center_crop_<n>/<split>/); two such
+    folders are named instead of one being picked."""
+    out = tmp_path / 'processed'
+    out.mkdir()
+    (out / 'center_crop_256').symlink_to(source, target_is_directory=True)
+    convert_to(source, tmp_path / 'a')
+    convert_to(out, tmp_path / 'b')
+    for split in SIZES:
+        assert [(x.key, x.c2w.tolist()) for x in scenes(tmp_path / 'a', split)] == \
+            [(y.key, y.c2w.tolist()) for y in scenes(tmp_path / 'b', split)]
+    (out / 'center_crop_512').symlink_to(source, target_is_directory=True)
+    with pytest.raises(SourceError, match=r"\['center_crop_256', 'center_crop_512'\]: pass one"):
+        convert_to(out, tmp_path / 'c')
+
+
 def test_bad_scenes_are_named_errors_or_skip_records(source, tmp_path):
     key = video_key(SEED, 'train', 1)
     for name, edit, says in (

@@ -5,7 +5,8 @@ Layout: ``<src>/<split>/full_list.txt`` (one scene JSON path per line, blank lin
 ``dataset_scene.py:20-27`` reads it), ``<split>/metadata/<scene>.json`` =
 ``{"scene_name": str, "frames": [{"image_path": str, "fxfycxcy": [fx, fy, cx, cy] (pixels of that
 image), "w2c": 4x4 world-to-camera, OpenCV axes}]}``, images (PNG; JPEG also accepted) wherever
-``image_path`` says. Every folder of ``<src>`` with a ``full_list.txt`` is a split (or ``<src>``
+``image_path`` says. Every folder of ``<src>`` with a ``full_list.txt`` is a split (or those of the
+one sub-folder that has such folders, as process_data.py's ``center_crop_<n>/``; or ``<src>``
 itself, a split named after it: train, val or test, else train).
 
 Paths: LVSM opens list entries and ``image_path`` verbatim (``dataset_scene.py:62,153``), i.e.
@@ -43,8 +44,15 @@ class LVSMSource:
         if not os.path.isdir(self.root):
             raise SourceError(f'{self.root}: no such directory (LVSM scenes expected: '
                               f'<src>/<split>/{LIST_FILE})')
-        self._lists = {d: os.path.join(self.root, d, LIST_FILE) for d in sorted(os.listdir(self.root))
-                       if os.path.isfile(os.path.join(self.root, d, LIST_FILE))}
+        self._lists = _split_lists(self.root)
+        if not self._lists:  # process_data.py's own output folder: <out>/center_crop_<n>/<split>/
+            inner = {d: _split_lists(os.path.join(self.root, d)) for d in sorted(os.listdir(self.root))
+                     if os.path.isdir(os.path.join(self.root, d))}
+            inner = {d: lists for d, lists in inner.items() if lists}
+            if len(inner) > 1:
+                raise SourceError(f'{self.root}: scene directories in {sorted(inner)}: pass one of '
+                                  'them as --src')
+            self._lists = next(iter(inner.values()), {})
         if not self._lists and os.path.isfile(os.path.join(self.root, LIST_FILE)):
             name = os.path.basename(self.root)
             self._lists = {name if name in SPLIT_NAMES else 'train':
@@ -149,6 +157,12 @@ class LVSMSource:
         return {'dataset': self.dataset, 'format': f'LVSM scenes (<split>/{LIST_FILE})',
                 'path': self.root, 'splits': self.splits(),
                 'url': 'https://github.com/Haian-Jin/LVSM'}
+
+
+def _split_lists(folder: str) -> dict[str, str]:
+    """{split: its list file} of the sub-folders of ``folder`` that hold a full_list.txt."""
+    return {d: os.path.join(folder, d, LIST_FILE) for d in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, d, LIST_FILE))}
 
 
 def _camera(frame: dict, view: str, bad) -> tuple[np.ndarray, np.ndarray]:
