@@ -7,9 +7,9 @@ temporary name in ``<out>/.work/``, its record (scene count, bytes, sha256, per-
 written next to it, then its member index ``<split>-%06d.idx`` (DALI's format, ``pipeline.tario``;
 readers go to the members they need through it) and the tar are renamed into place: a ``.tar`` in
 ``<out>`` is always complete, and rerunning skips complete shards and redoes the rest. When every
-shard of a split exists (after the last task, or with ``--finalize``), the split's manifest, LMDB index, skipped-scene log, the
-source's own split files (e.g. an evaluation index) and the dataset card are written. Output bytes
-depend only on the source and the settings.
+shard of a split exists (after the last task, or with ``--finalize``), the split's manifest, LMDB
+index, skipped-scene log, the source's own split files (e.g. an evaluation index) and the dataset
+card are written. Output bytes depend only on the source and the settings.
 
 Member sets: sources of SRT's datasets declare one member set per split (every scene has it, a scene
 that differs is bad); the importers' sources (``fixed_members = False``) may hold scenes with other

@@ -114,19 +114,11 @@ def write_re10k_chunks(root: str, scenes: int, frames: int) -> None:
             chunk, size, count = [], 0, count + 1
 
 
-def timed(fn, seconds: float) -> float:
-    """Items per CPU second of this process (all its threads), running fn() -> items repeatedly."""
-    fn()  # warm-up
-    items, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
-    while time.perf_counter() - wall0 < seconds:
-        items += fn()
-    return items / (time.process_time() - cpu0)
-
-
 def timed_together(fns: dict, seconds: float, slice_s: float = 0.5) -> dict:
-    """``timed`` for several rows side by side: turns of ``slice_s`` seconds each, in rotation,
-    ``seconds`` per row in all, so that a machine whose speed drifts (a shared VM) slows every
-    row alike and their ratios hold."""
+    """Items per CPU second of this process (all its threads) of each row ``fn() -> items``, the
+    rows side by side: turns of ``slice_s`` seconds each, in rotation, ``seconds`` per row in all,
+    so that a machine whose speed drifts (a shared VM) slows every row alike and their ratios hold
+    (one row and ``slice_s = seconds``: one turn)."""
     for fn in fns.values():
         fn()  # warm-up
     items, cpu = dict.fromkeys(fns, 0), dict.fromkeys(fns, 0.0)
@@ -397,7 +389,8 @@ def main(argv=None) -> int:
             together['generic_srt'] = generic_srt_views(shards, dataset, VIEWS[name])
         row = {'set': name, 'generic_srt': None, **timed_together(together, args.seconds)}
         # Apart: TensorFlow's prefetching threads (MSN) would run into the other rows' turns.
-        row['reference'] = timed(reference(), args.seconds)
+        row['reference'] = timed_together({'reference': reference()}, args.seconds,
+                                          args.seconds)['reference']
         rows.append(row)
         print(f'{name}: done', flush=True)
     print()
